@@ -1,0 +1,34 @@
+"""Settings shared by every service; each service subclasses with its own environment prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings
+
+
+class ServiceSettings(BaseSettings):
+    """Common settings. Every field is read from ``<PREFIX><FIELD>`` (e.g. ``PACS_STORAGE_PORT``)."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    state_dir: Path = Field(Path("var"), description="Directory for embedded-mode state.")
+    service_token: SecretStr | None = Field(
+        None,
+        description="Shared bearer token for service-to-service calls (interim until auth's service "
+        "identities). Internal endpoints refuse every call while it is unset.",
+    )
+    event_bus: Literal["embedded"] = Field("embedded", description="Event bus adapter.")
+    event_log_path: Path | None = Field(
+        None, description="Embedded event log (SQLite) file; default <state_dir>/events.db."
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="Proxies whose X-Forwarded-* headers are trusted (uvicorn)."
+    )
+
+    def resolved_event_log_path(self) -> Path:
+        """Where the embedded event log lives."""
+        return self.event_log_path or self.state_dir / "events.db"
