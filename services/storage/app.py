@@ -1,0 +1,47 @@
+"""The storage service: encrypted object store, metadata index, WADO-RS."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import FastAPI
+
+from pacslib.app import ReadinessCheck, base_app
+from services.storage import internal, routes
+from services.storage.context import StorageContext, open_context
+from services.storage.settings import StorageSettings
+from services.storage.sweeper import run_sweeper
+
+
+def create_app(settings: StorageSettings | None = None) -> FastAPI:
+    """Build the storage app; adapters are opened in the lifespan."""
+    settings = settings or StorageSettings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx = await open_context(settings)
+        app.state.ctx = ctx
+        ctx.relay.start()
+        sweeper = asyncio.create_task(run_sweeper(ctx), name="sweeper")
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+            await ctx.close()
+
+    def checks() -> Sequence[ReadinessCheck]:
+        ctx: StorageContext = app.state.ctx
+        return [
+            ("object_store", ctx.objects.ping),
+            ("metadata_db", ctx.metadata.ping),
+            ("event_bus", ctx.bus.ping),
+        ]
+
+    app = base_app("cloudpacs storage", lifespan, checks)
+    app.include_router(routes.router)
+    app.include_router(internal.router)
+    return app

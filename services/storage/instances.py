@@ -1,0 +1,96 @@
+"""Indexing stored instances and reading their metadata back."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pacslib import envelope
+from pacslib.errors import BadRequestError, IntegrityFailureError
+from pacslib.events import INSTANCE_STORED, TOPIC_INSTANCES, Event
+from services.storage.context import StorageContext
+from services.storage.objects import data_key, discard_object, metadata_context
+from services.storage.ports import InstanceRecord, PutOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class NewInstance:
+    """What ingest extracted from a part whose bytes are already stored as ``object_id``."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    object_id: str
+    size: int
+    sha256: str
+    metadata: dict[str, Any]
+    frames: list[list[tuple[int, int]]] | None
+
+
+async def index_instance(
+    ctx: StorageContext, new: NewInstance, *, traceparent: str | None = None
+) -> PutOutcome:
+    """Index a written object as an instance and enqueue ``instance.stored`` in the same transaction.
+
+    A re-sent identical instance is a no-op (DUPLICATE); different content under an existing SOP
+    Instance UID is refused (CONFLICT). Either way the newly written copy is discarded.
+    """
+    if await ctx.metadata.get_data_key(new.object_id) is None:
+        raise BadRequestError("unknown object id: write the object before indexing it")
+    dek = await data_key(ctx, new.object_id)
+    sealed = envelope.encrypt_bytes(dek, metadata_context(new.object_id), json.dumps(new.metadata).encode())
+    now = time.time()
+    record = InstanceRecord(
+        study_uid=new.study_uid,
+        series_uid=new.series_uid,
+        sop_uid=new.sop_uid,
+        sop_class_uid=new.sop_class_uid,
+        transfer_syntax_uid=new.transfer_syntax_uid,
+        object_id=new.object_id,
+        size=new.size,
+        sha256=new.sha256,
+        metadata=sealed,
+        frames=new.frames,
+        stored_at=now,
+    )
+    event = Event(
+        type=INSTANCE_STORED,
+        source="storage",
+        subject=new.study_uid,
+        traceparent=traceparent,
+        data={
+            "study_uid": new.study_uid,
+            "series_uid": new.series_uid,
+            "sop_instance_uid": new.sop_uid,
+            "sop_class_uid": new.sop_class_uid,
+            "transfer_syntax_uid": new.transfer_syntax_uid,
+            "object_id": new.object_id,
+            "size": new.size,
+        },
+    )
+    result = await ctx.metadata.put_instance(record, [(TOPIC_INSTANCES, new.study_uid, event.encode())])
+    if result.outcome is PutOutcome.STORED:
+        ctx.relay.notify()
+    else:
+        await discard_object(ctx, new.object_id)
+        if result.outcome is PutOutcome.DUPLICATE and result.existing is not None:
+            existing = result.existing
+            if (existing.study_uid, existing.series_uid) != (new.study_uid, new.series_uid):
+                # Same bytes cannot carry other study/series UIDs; treat a mismatch as a conflict.
+                return PutOutcome.CONFLICT
+    return result.outcome
+
+
+async def instance_metadata(ctx: StorageContext, record: InstanceRecord) -> dict[str, Any]:
+    """Decrypt an instance's DICOM JSON metadata."""
+    dek = await data_key(ctx, record.object_id)
+    try:
+        plain = envelope.decrypt_bytes(dek, metadata_context(record.object_id), record.metadata)
+    except envelope.IntegrityError as exc:
+        raise IntegrityFailureError("stored metadata failed its integrity check") from exc
+    doc: dict[str, Any] = json.loads(plain)
+    return doc

@@ -1,0 +1,82 @@
+"""Internal API used by other services (ingest): write objects, index instances. Service token only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, Field
+
+from pacslib.dicom_uids import is_valid_uid
+from pacslib.errors import BadRequestError
+from pacslib.http_body import body_chunks
+from pacslib.service_auth import check_service_token
+from services.storage.context import StorageContext
+from services.storage.instances import NewInstance, index_instance
+from services.storage.objects import write_object
+
+BODY_IDLE_TIMEOUT = 60.0
+
+
+def _ctx(request: Request) -> StorageContext:
+    ctx: StorageContext = request.app.state.ctx
+    return ctx
+
+
+def require_service(request: Request) -> None:
+    check_service_token(request, _ctx(request).settings.service_token)
+
+
+router = APIRouter(prefix="/internal", dependencies=[Depends(require_service)], include_in_schema=False)
+
+
+class ObjectWritten(BaseModel):
+    object_id: str
+    size: int
+    sha256: str
+
+
+class IndexRequest(BaseModel):
+    study_uid: str = Field(max_length=64)
+    series_uid: str = Field(max_length=64)
+    sop_uid: str = Field(max_length=64)
+    sop_class_uid: str = Field(max_length=64)
+    transfer_syntax_uid: str = Field(max_length=64)
+    object_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    metadata: dict[str, Any]
+    frames: list[list[tuple[int, int]]] | None = None
+
+
+class IndexResponse(BaseModel):
+    outcome: str
+
+
+@router.post("/objects", status_code=201)
+async def post_object(request: Request) -> ObjectWritten:
+    """Encrypt and store the request body as a new pending object."""
+    written = await write_object(_ctx(request), body_chunks(request, BODY_IDLE_TIMEOUT))
+    return ObjectWritten(object_id=written.object_id, size=written.size, sha256=written.sha256)
+
+
+@router.post("/instances")
+async def post_instance(request: Request, body: IndexRequest) -> IndexResponse:
+    """Index a written object as a DICOM instance (stored, duplicate or conflict)."""
+    for name in ("study_uid", "series_uid", "sop_uid", "sop_class_uid", "transfer_syntax_uid"):
+        if not is_valid_uid(getattr(body, name)):
+            raise BadRequestError(f"{name} is not a valid UID")
+    new = NewInstance(
+        study_uid=body.study_uid,
+        series_uid=body.series_uid,
+        sop_uid=body.sop_uid,
+        sop_class_uid=body.sop_class_uid,
+        transfer_syntax_uid=body.transfer_syntax_uid,
+        object_id=body.object_id,
+        size=body.size,
+        sha256=body.sha256,
+        metadata=body.metadata,
+        frames=[list(f) for f in body.frames] if body.frames is not None else None,
+    )
+    outcome = await index_instance(_ctx(request), new, traceparent=request.headers.get("traceparent"))
+    return IndexResponse(outcome=outcome.value)
