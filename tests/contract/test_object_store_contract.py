@@ -16,7 +16,8 @@ from minio.error import S3Error
 
 from services.storage.adapters.filesystem import FilesystemObjectStore
 from services.storage.ports import ObjectNotFoundError, ObjectStore
-from tests.contract.conftest import S3Endpoint, make_s3_store
+from tests.conftest import S3Endpoint
+from tests.contract.conftest import make_s3_store
 
 MiB = 1 << 20
 
