@@ -7,6 +7,7 @@ correct absolute URLs.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
@@ -39,8 +40,9 @@ HOP_BY_HOP = frozenset(
 class Gateway:
     """An ASGI reverse proxy in front of the five services."""
 
-    def __init__(self, upstreams: dict[str, str]) -> None:
+    def __init__(self, upstreams: dict[str, str], *, body_idle_timeout: float = 60.0) -> None:
         self._upstreams = upstreams
+        self._body_idle_timeout = body_idle_timeout
         self._client: httpx.AsyncClient | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,11 +87,16 @@ class Gateway:
             headers.append((b"x-forwarded-for", client_addr[0].encode()))
         headers.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
         has_body = method not in ("GET", "HEAD", "DELETE", "OPTIONS")
-        request = self._client.build_request(
-            method, url, headers=headers, content=_request_body(receive) if has_body else None
-        )
+        body = _request_body(receive, self._body_idle_timeout) if has_body else None
+        request = self._client.build_request(method, url, headers=headers, content=body)
         try:
             response = await self._client.send(request, stream=True)
+        except BodyStalledError:
+            # Like a front proxy's client body timeout: a stalled sender must not pin a connection.
+            await _json(
+                send, 408, {"error": f"the request body stalled for more than {self._body_idle_timeout:g} s"}
+            )
+            return
         except httpx.HTTPError:
             await _json(send, 502, {"error": f"the {service} service is unavailable"})
             return
@@ -109,9 +116,16 @@ class Gateway:
             await response.aclose()
 
 
-async def _request_body(receive: Receive) -> AsyncIterator[bytes]:
+class BodyStalledError(Exception):
+    """The client stopped sending its request body."""
+
+
+async def _request_body(receive: Receive, idle_timeout: float) -> AsyncIterator[bytes]:
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), idle_timeout)
+        except TimeoutError as exc:
+            raise BodyStalledError from exc
         if message["type"] == "http.disconnect":
             raise ConnectionAbortedError("client disconnected")
         body: bytes = message.get("body", b"")

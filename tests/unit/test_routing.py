@@ -29,7 +29,12 @@ def test_routes(method: str, path: str, service: str) -> None:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("GET", "/internal/objects"), ("POST", "/internal/instances"), ("PUT", "/dicom-web/studies"), ("GET", "/")],
+    [
+        ("GET", "/internal/objects"),
+        ("POST", "/internal/instances"),
+        ("PUT", "/dicom-web/studies"),
+        ("GET", "/"),
+    ],
 )
 def test_internal_and_unknown_paths_are_not_routed(method: str, path: str) -> None:
     assert resolve(method, path) is None

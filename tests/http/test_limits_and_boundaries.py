@@ -1,0 +1,166 @@
+"""Limits (too large, too slow), the service-token boundary, the gateway, events and ``make run``."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+
+from embedded.launcher import PORT_OFFSETS, EmbeddedSystem, find_free_base_port
+from pacslib.eventbus import SqliteEventBus
+from pacslib.events import INSTANCE_STORED, TOPIC_INSTANCES, Event
+from tests import multipart_util
+from tests.dicom_factory import ct_instance, new_uid
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedSystem]:
+    """A system with a 1 MiB instance limit and a 1 s body stall limit."""
+    system = EmbeddedSystem(
+        state_dir=tmp_path_factory.mktemp("limited"),
+        port=find_free_base_port(),
+        extra_env={
+            "PACS_INGEST_MAX_INSTANCE_BYTES": str(1 << 20),
+            "PACS_INGEST_BODY_IDLE_TIMEOUT": "1",
+            "PACS_GATEWAY_BODY_IDLE_TIMEOUT": "1",
+        },
+    )
+    system.start()
+    try:
+        yield system
+    finally:
+        system.stop()
+
+
+def test_instance_over_the_limit_fails_with_a700_and_others_still_store(limited: EmbeddedSystem) -> None:
+    small = ct_instance(new_uid(), new_uid(), 1)
+    big = ct_instance(new_uid(), new_uid(), 2, rows=512, columns=512, frames=3)  # 1.5 MiB
+    body, content_type = multipart_util.encode([big, small])
+    r = httpx.post(
+        f"{limited.dicomweb_url}/studies", content=body, headers={"Content-Type": content_type}, timeout=60
+    )
+    assert r.status_code == 202, r.text
+    failed = r.json()["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [0xA700]
+    assert len(r.json()["00081199"]["Value"]) == 1
+
+
+@pytest.mark.parametrize("target", ["gateway", "ingest"])
+def test_stalled_body_is_refused_with_408(limited: EmbeddedSystem, target: str) -> None:
+    blob = ct_instance(new_uid(), new_uid(), 1)
+    port = limited.port + (0 if target == "gateway" else PORT_OFFSETS["ingest"])
+    head = (
+        f"POST /dicom-web/studies HTTP/1.1\r\nHost: {limited.host}\r\nContent-Type: application/dicom\r\n"
+        f"Content-Length: {len(blob)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((limited.host, port), timeout=20) as sock:
+        sock.sendall(head + blob[:200])  # then stall
+        response = sock.recv(65536).decode(errors="replace")
+    assert response.startswith("HTTP/1.1 408"), response[:200]
+    assert "stalled" in response
+
+
+def test_internal_api_needs_the_service_token(system: EmbeddedSystem) -> None:
+    storage = system.service_url("storage")
+    for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "Basic abc"}):
+        r = httpx.post(f"{storage}/internal/objects", content=b"data", headers=headers)
+        assert r.status_code == 401, headers
+        assert r.json()["error"]
+    r = httpx.post(f"{storage}/internal/instances", json={}, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+
+
+def test_gateway_does_not_expose_internal_paths(system: EmbeddedSystem) -> None:
+    for method, path in (
+        ("POST", "/internal/objects"),
+        ("GET", "/internal/instances"),
+        ("PUT", "/dicom-web/studies"),
+    ):
+        r = httpx.request(method, system.base_url + path)
+        assert r.status_code == 404, path
+        assert "no service" in r.json()["error"]
+
+
+def test_every_service_is_live_and_ready(system: EmbeddedSystem) -> None:
+    for name in ("auth", "ingest", "storage", "render", "audit"):
+        assert httpx.get(system.service_url(name) + "/healthz").json() == {"status": "ok"}
+        ready = httpx.get(system.service_url(name) + "/readyz")
+        assert ready.status_code == 200, name
+        assert ready.json()["status"] == "ready"
+
+
+def test_instance_stored_event_is_published_with_the_envelope(system: EmbeddedSystem) -> None:
+    blob = ct_instance(new_uid(), new_uid(), 1)
+    sop = str(pydicom.dcmread(io.BytesIO(blob)).SOPInstanceUID)
+    r = httpx.post(
+        f"{system.dicomweb_url}/studies", content=blob, headers={"Content-Type": "application/dicom"}
+    )
+    assert r.status_code == 200
+
+    async def find() -> Event | None:
+        bus = SqliteEventBus(system.state_dir / "events.db")
+        try:
+            group = f"test-{new_uid()}"
+            for _ in range(50):
+                records = await bus.fetch(group, TOPIC_INSTANCES, limit=100_000)
+                for record in records:
+                    event = Event.decode(record.body)
+                    if event.data.get("sop_instance_uid") == sop:
+                        return event
+                await asyncio.sleep(0.1)
+            return None
+        finally:
+            await bus.close()
+
+    event = asyncio.run(find())
+    assert event is not None
+    assert event.type == INSTANCE_STORED
+    assert event.source == "storage"
+    assert event.subject == event.data["study_uid"]
+    assert event.envelope_version == "1"
+    assert "PatientName" not in event.model_dump_json()
+
+
+def test_make_run_command_prints_the_base_url_and_stops_cleanly(tmp_path: Path) -> None:
+    port = find_free_base_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "embedded", "--port", str(port), "--state-dir", str(tmp_path / "state")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ),
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        line = ""
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if "DICOMweb base URL" in line or not line:
+                break
+        expected = f"http://127.0.0.1:{port}/dicom-web"
+        assert expected in line
+        blob = ct_instance(new_uid(), new_uid(), 1)
+        r = httpx.post(f"{expected}/studies", content=blob, headers={"Content-Type": "application/dicom"})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        assert (tmp_path / "state" / "keyring.json").stat().st_mode & 0o077 == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
