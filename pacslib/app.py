@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from pacslib.errors import install_error_handlers
+from pacslib.telemetry import TracingMiddleware, setup_tracing
 
 ReadinessCheck = tuple[str, Callable[[], Awaitable[None]]]
 
@@ -53,6 +54,9 @@ def base_app(
 ) -> FastAPI:
     """A FastAPI app with the shared error handlers and health routes (no docs UI in production)."""
     app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)  # type: ignore[arg-type]
+    service_name = title.split()[-1]
+    setup_tracing(service_name)
+    app.add_middleware(TracingMiddleware, service_name=service_name)
     install_error_handlers(app)
     add_health_routes(app, checks)
     return app

@@ -9,6 +9,7 @@ import httpx
 from pydantic import SecretStr
 
 from pacslib.service_auth import service_headers
+from pacslib.telemetry import trace_headers
 
 
 class StorageUnavailableError(Exception):
@@ -30,7 +31,9 @@ class StorageClient:
         """Stream ``body`` into a new encrypted object; return {object_id, size, sha256}."""
         try:
             response = await self._client.post(
-                "/internal/objects", content=body, headers={"Content-Type": "application/octet-stream"}
+                "/internal/objects",
+                content=body,
+                headers={"Content-Type": "application/octet-stream", **trace_headers()},
             )
         except httpx.HTTPError as exc:
             raise StorageUnavailableError(f"storage upload failed ({type(exc).__name__})") from exc
@@ -42,7 +45,7 @@ class StorageClient:
     async def index(self, payload: dict[str, Any]) -> str:
         """Index an uploaded object as an instance; return the outcome (stored/duplicate/conflict)."""
         try:
-            response = await self._client.post("/internal/instances", json=payload)
+            response = await self._client.post("/internal/instances", json=payload, headers=trace_headers())
         except httpx.HTTPError as exc:
             raise StorageUnavailableError(f"storage indexing failed ({type(exc).__name__})") from exc
         if response.status_code != 200:

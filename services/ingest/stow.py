@@ -203,7 +203,7 @@ class PartStore:
         if outcome == "conflict":
             raise PartRejectedError(
                 FAILURE_DUPLICATE_SOP_INSTANCE,
-                "a different instance with this SOP Instance UID is already stored",
+                "a different instance with this SOP Instance UID exists",
             )
         return self.result
 
@@ -322,6 +322,13 @@ async def _guard(part: PartStore, step: Any) -> bool:
     return True
 
 
+def _error_comment(message: str) -> str:
+    """Error Comment is LO: at most 64 characters, cut at a word boundary."""
+    if len(message) <= 64:
+        return message
+    return message[:63].rsplit(" ", 1)[0] + "…"
+
+
 def _uid(tag_value: str | None) -> dict[str, Any]:
     return {"vr": "UI", "Value": [tag_value]} if tag_value else {"vr": "UI"}
 
@@ -358,7 +365,7 @@ def stow_response(outcome: StowOutcome, base_url: str, path_study: str | None) -
                     TAG_REFERENCED_SOP_CLASS_UID: _uid(p.sop_class_uid),
                     TAG_REFERENCED_SOP_INSTANCE_UID: _uid(p.sop_uid),
                     TAG_FAILURE_REASON: {"vr": "US", "Value": [p.failure]},
-                    TAG_ERROR_COMMENT: {"vr": "LO", "Value": [p.message[:64]]},
+                    TAG_ERROR_COMMENT: {"vr": "LO", "Value": [_error_comment(p.message)]},
                 }
                 for p in outcome.failed
             ],

@@ -11,6 +11,7 @@ from pacslib.dicom_uids import is_valid_uid
 from pacslib.errors import BadRequestError
 from pacslib.http_body import body_chunks
 from pacslib.service_auth import check_service_token
+from pacslib.telemetry import current_traceparent
 from services.storage.context import StorageContext
 from services.storage.instances import NewInstance, index_instance
 from services.storage.objects import write_object
@@ -78,5 +79,5 @@ async def post_instance(request: Request, body: IndexRequest) -> IndexResponse:
         metadata=body.metadata,
         frames=[list(f) for f in body.frames] if body.frames is not None else None,
     )
-    outcome = await index_instance(_ctx(request), new, traceparent=request.headers.get("traceparent"))
+    outcome = await index_instance(_ctx(request), new, traceparent=current_traceparent())
     return IndexResponse(outcome=outcome.value)

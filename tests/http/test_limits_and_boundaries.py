@@ -105,8 +105,11 @@ def test_every_service_is_live_and_ready(system: EmbeddedSystem) -> None:
 def test_instance_stored_event_is_published_with_the_envelope(system: EmbeddedSystem) -> None:
     blob = ct_instance(new_uid(), new_uid(), 1)
     sop = str(pydicom.dcmread(io.BytesIO(blob)).SOPInstanceUID)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     r = httpx.post(
-        f"{system.dicomweb_url}/studies", content=blob, headers={"Content-Type": "application/dicom"}
+        f"{system.dicomweb_url}/studies",
+        content=blob,
+        headers={"Content-Type": "application/dicom", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
     )
     assert r.status_code == 200
 
@@ -132,6 +135,9 @@ def test_instance_stored_event_is_published_with_the_envelope(system: EmbeddedSy
     assert event.subject == event.data["study_uid"]
     assert event.envelope_version == "1"
     assert "PatientName" not in event.model_dump_json()
+    # The client's trace continues through ingest and storage into the event.
+    assert event.traceparent is not None
+    assert event.traceparent.split("-")[1] == trace_id
 
 
 def test_make_run_command_prints_the_base_url_and_stops_cleanly(tmp_path: Path) -> None:
