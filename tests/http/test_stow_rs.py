@@ -49,7 +49,15 @@ def _get_instance(system: EmbeddedSystem, blob: bytes, accept: str = AS_STORED) 
 
 @pytest.mark.parametrize(
     "name",
-    ["CT_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "image_dfl.dcm", "SC_rgb_rle_2frame.dcm"],
+    [
+        "CT_small.dcm",
+        "MR_small_bigendian.dcm",
+        "JPEG2000.dcm",
+        "image_dfl.dcm",
+        "SC_rgb_rle_2frame.dcm",
+        "rtdose.dcm",  # its file meta Media Storage SOP Instance UID differs from the data set's
+        "rtplan.dcm",
+    ],
 )
 def test_stored_bytes_come_back_identical(system: EmbeddedSystem, name: str) -> None:
     path = get_testdata_file(name)
