@@ -11,8 +11,10 @@ setup:
 run: setup
 	@$(PY) -m embedded
 
-## The full test suite, real servers included (they are started by the tests themselves).
+## The full test suite, real servers included (they are started by the tests themselves); the browser
+## tests need Debian's chromium and playwright-core, installed here when missing.
 test: setup
+	@bash scripts/install_browser.sh
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 ## Unit tests only (no servers, a few seconds).
