@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -18,7 +19,9 @@ from pacslib.routing import SERVICES
 
 # Port offsets from the gateway's port: the gateway is the only port a client needs.
 PORT_OFFSETS = {"auth": 1, "ingest": 2, "storage": 3, "render": 4, "audit": 5}
-START_ORDER = ("storage", "audit", "auth", "ingest", "render")
+START_ORDER = ("auth", "storage", "audit", "ingest", "render")
+# Services that call other services, each with its own identity at auth (client credentials).
+SERVICE_IDENTITIES = ("ingest", "storage", "render", "audit")
 
 
 def ports_free(host: str, ports: list[int]) -> bool:
@@ -65,16 +68,25 @@ class EmbeddedSystem:
     def service_url(self, name: str) -> str:
         return f"http://{self.host}:{self.port + PORT_OFFSETS[name]}"
 
-    def environment(self, token: str = "") -> dict[str, str]:
+    def environment(self, token: str = "", secrets_by_service: dict[str, str] | None = None) -> dict[str, str]:
         """The environment every process gets (also what operator tools like ``kek`` need)."""
         env = dict(os.environ)
         env.update(self.extra_env)
+        secrets_by_service = secrets_by_service or {}
         for name in SERVICES:
             prefix = f"PACS_{name.upper()}_"
             env[prefix + "HOST"] = self.host
             env[prefix + "PORT"] = str(self.port + PORT_OFFSETS[name])
             env.setdefault(prefix + "STATE_DIR", str(self.state_dir))
             env[prefix + "SERVICE_TOKEN"] = token
+            env[prefix + "AUTH_URL"] = self.service_url("auth")
+            env[prefix + "AUTH_ISSUER"] = self.base_url
+            if name in secrets_by_service:
+                env[prefix + "AUTH_CLIENT_ID"] = name
+                env[prefix + "AUTH_CLIENT_SECRET"] = secrets_by_service[name]
+        env["PACS_AUTH_ISSUER"] = self.base_url
+        if secrets_by_service:
+            env["PACS_AUTH_SERVICE_CLIENTS"] = json.dumps(secrets_by_service)
         env["PACS_INGEST_STORAGE_URL"] = self.service_url("storage")
         env["PACS_GATEWAY_UPSTREAMS"] = ",".join(f"{n}={self.service_url(n)}" for n in SERVICES)
         env["PACS_GATEWAY_HOST"] = self.host
@@ -87,8 +99,9 @@ class EmbeddedSystem:
         self.state_dir.chmod(0o700)
         log_dir = self.log_dir or self.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # A fresh service token per start: it never leaves this machine's process environments.
-        env = self.environment(secrets.token_urlsafe(32))
+        # Fresh service secrets per start: they never leave this machine's process environments.
+        identities = {name: secrets.token_urlsafe(32) for name in SERVICE_IDENTITIES}
+        env = self.environment(secrets.token_urlsafe(32), identities)
         commands = {name: [sys.executable, "-m", f"services.{name}"] for name in START_ORDER}
         commands["gateway"] = [sys.executable, "-m", "embedded.gateway_main"]
         try:

@@ -28,6 +28,18 @@ class ServiceSettings(BaseSettings):
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="Proxies whose X-Forwarded-* headers are trusted (uvicorn)."
     )
+    auth_url: str = Field(
+        "http://127.0.0.1:8043", description="Internal base URL of the auth service (JWKS, service tokens)."
+    )
+    auth_issuer: str = Field(
+        "http://127.0.0.1:8042", description="Expected issuer (iss) of access tokens: the public base URL."
+    )
+    auth_audience: str = Field("cloudpacs", description="Expected audience (aud) of access tokens.")
+    auth_client_id: str | None = Field(
+        None,
+        description="This service's identity at auth, for the service tokens it sends to other services.",
+    )
+    auth_client_secret: SecretStr | None = Field(None, description="The secret of that identity.")
 
     def resolved_event_log_path(self) -> Path:
         """Where the embedded event log lives."""

@@ -144,6 +144,12 @@ class TokenVerifier:
     def issuer(self) -> str:
         return self._issuer
 
+    async def close(self) -> None:
+        """Close the JWKS source's connections, when it has any."""
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            await close()
+
     async def _refresh(self, *, reason: str) -> None:
         """Fetch the JWKS again unless it was fetched within ``refetch_interval`` (rate limit)."""
         async with self._lock:
