@@ -5,11 +5,30 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
 
 from embedded.launcher import EmbeddedSystem
+
+
+def first_admin(system: EmbeddedSystem) -> None:
+    """Create the first administrator on first start and show its one-time password (once)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "services.auth.bootstrap"],
+        env=system.environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        print("could not create the first administrator: " + done.stderr.strip(), file=sys.stderr)
+    elif "one-time password" in done.stdout:
+        print(done.stdout, end="", flush=True)
+    else:
+        print("first administrator: exists already (reset its password through the admin API)", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     system.start()
     print(f"cloudpacs is up. DICOMweb base URL: {system.dicomweb_url}", flush=True)
+    first_admin(system)
     print("press Ctrl-C to stop", flush=True)
     try:
         while not stop.is_set():
