@@ -1,4 +1,4 @@
-"""The storage service: encrypted object store, metadata index, WADO-RS."""
+"""The storage service: encrypted object store, metadata index, QIDO-RS and WADO-RS."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import FastAPI
 
 from pacslib.app import ReadinessCheck, base_app
-from services.storage import internal, routes
+from services.storage import internal, qido_routes, routes
 from services.storage.context import StorageContext, open_context
 from services.storage.settings import StorageSettings
 from services.storage.sweeper import run_sweeper
@@ -42,6 +42,7 @@ def create_app(settings: StorageSettings | None = None) -> FastAPI:
         ]
 
     app = base_app("cloudpacs storage", lifespan, checks)
+    app.include_router(qido_routes.router)
     app.include_router(routes.router)
     app.include_router(internal.router)
     return app

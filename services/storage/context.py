@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pacslib.eventbus import EventBus, SqliteEventBus
 from pacslib.keyring import Keyring
 from pacslib.outbox import OutboxRelay
+from services.storage.blind_index import BlindIndex, load_index
 from services.storage.ports import MetadataStore, ObjectStore
 from services.storage.settings import StorageSettings
+
+
+@dataclass(frozen=True, slots=True)
+class QidoLimits:
+    """Bounds of QIDO-RS searches."""
+
+    max_limit: int = 1000  # largest page a client may ask for (larger limits are lowered to it)
+    scan_cap: int = 50_000  # most candidate rows a search may decrypt and check before it is refused
 
 
 @dataclass
@@ -19,6 +28,8 @@ class StorageContext:
     keyring: Keyring
     bus: EventBus
     relay: OutboxRelay
+    index: BlindIndex
+    qido: QidoLimits = field(default_factory=QidoLimits)
 
     async def close(self) -> None:
         await self.relay.stop()
@@ -77,6 +88,12 @@ async def open_context(settings: StorageSettings) -> StorageContext:
         await init()
     metadata = build_metadata_store(settings)
     await metadata.init()
+    try:
+        keyring = load_keyring(settings)
+        index = await load_index(metadata, keyring)
+    except BaseException:
+        await metadata.close()
+        raise
     bus = SqliteEventBus(settings.resolved_event_log_path())
     relay = OutboxRelay(metadata, bus)
-    return StorageContext(settings, objects, metadata, load_keyring(settings), bus, relay)
+    return StorageContext(settings, objects, metadata, keyring, bus, relay, index)

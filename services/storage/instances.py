@@ -13,6 +13,7 @@ from pacslib.events import INSTANCE_STORED, TOPIC_INSTANCES, Event
 from services.storage.context import StorageContext
 from services.storage.objects import data_key, discard_object, metadata_context
 from services.storage.ports import InstanceRecord, PutOutcome
+from services.storage.qido import search_entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,7 @@ class NewInstance:
     sha256: str
     metadata: dict[str, Any]
     frames: list[list[tuple[int, int]]] | None
+    owner_org: str | None = None  # the storing organization (set by ingest once authentication lands)
 
 
 async def index_instance(
@@ -36,8 +38,10 @@ async def index_instance(
 ) -> PutOutcome:
     """Index a written object as an instance and enqueue ``instance.stored`` in the same transaction.
 
-    A re-sent identical instance is a no-op (DUPLICATE); different content under an existing SOP
-    Instance UID is refused (CONFLICT). Either way the newly written copy is discarded.
+    The same transaction makes the instance searchable (QIDO-RS): its blind-index tokens, and its
+    study and series rows with their sealed documents. A re-sent identical instance is a no-op
+    (DUPLICATE); different content under an existing SOP Instance UID is refused (CONFLICT). Either
+    way the newly written copy is discarded.
     """
     if await ctx.metadata.get_data_key(new.object_id) is None:
         raise BadRequestError("unknown object id: write the object before indexing it")
@@ -56,6 +60,18 @@ async def index_instance(
         metadata=sealed,
         frames=new.frames,
         stored_at=now,
+        owner_org=new.owner_org,
+    )
+    search = search_entry(
+        ctx.index,
+        dek,
+        new.metadata,
+        study_uid=new.study_uid,
+        series_uid=new.series_uid,
+        sop_uid=new.sop_uid,
+        sop_class_uid=new.sop_class_uid,
+        object_id=new.object_id,
+        owner_org=new.owner_org,
     )
     event = Event(
         type=INSTANCE_STORED,
@@ -72,7 +88,9 @@ async def index_instance(
             "size": new.size,
         },
     )
-    result = await ctx.metadata.put_instance(record, [(TOPIC_INSTANCES, new.study_uid, event.encode())])
+    result = await ctx.metadata.put_instance(
+        record, [(TOPIC_INSTANCES, new.study_uid, event.encode())], search
+    )
     if result.outcome is PutOutcome.STORED:
         ctx.relay.notify()
     else:

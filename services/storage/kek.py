@@ -14,13 +14,18 @@ import sys
 
 from pacslib.envelope import dek_context
 from pacslib.keyring import Keyring
+from services.storage.blind_index import rewrap_index_key
 from services.storage.context import build_metadata_store
 from services.storage.ports import MetadataStore, WrappedKey
 from services.storage.settings import StorageSettings
 
 
 async def rewrap_all(metadata: MetadataStore, keyring: Keyring, *, batch: int = 500) -> int:
-    """Re-wrap every data key not wrapped by the active KEK; return how many were re-wrapped."""
+    """Re-wrap every data key not wrapped by the active KEK; return how many were re-wrapped.
+
+    The search index key (one row, see ``blind_index``) is re-wrapped first; it is not counted.
+    """
+    await rewrap_index_key(metadata, keyring)
     done = 0
     while True:
         rows = await metadata.data_keys_not_wrapped_by(keyring.active_id, batch)

@@ -3,6 +3,10 @@
 Each port has an embedded adapter (filesystem, SQLite) and a cluster adapter (S3 via ``minio``,
 MongoDB via PyMongo's AsyncMongoClient). Both adapters of a port pass the same contract suite in
 ``tests/contract``.
+
+The metadata index also answers searches (QIDO-RS) without ever holding PHI in clear: rows carry
+opaque blind-index tokens (see ``services/storage/blind_index.py``) and sealed documents, and a search
+is a conjunction of token clauses (``IndexQuery``) that each adapter compiles to its own query language.
 """
 
 from __future__ import annotations
@@ -96,6 +100,92 @@ class InstanceRecord:
     metadata: bytes
     frames: list[list[tuple[int, int]]] | None = None
     stored_at: float = 0.0
+    owner_org: str | None = None  # the organization that stored it (None until authentication lands)
+
+
+class Level(enum.IntEnum):
+    """A level of the DICOM information model, as searched by QIDO-RS."""
+
+    STUDY = 0
+    SERIES = 1
+    INSTANCE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SearchEntry:
+    """What ``put_instance`` records so that the instance, its series and its study can be searched.
+
+    Tokens are opaque blind-index values (keyed hashes, never PHI). ``study_tokens`` and
+    ``study_document`` are used only when this instance creates its study row (likewise for the series);
+    ``study_aggregate_tokens`` (the instance's ModalitiesInStudy and SOPClassesInStudy tokens) are added
+    to the study row either way. Documents are sealed with the instance's own data key. ``owner_token``
+    is the access token of ``InstanceRecord.owner_org``; series and instance rows inherit the access
+    token of their study (the organization that stored the study first).
+    """
+
+    study_tokens: frozenset[int]
+    study_aggregate_tokens: frozenset[int]
+    series_tokens: frozenset[int]
+    instance_tokens: frozenset[int]
+    study_document: bytes
+    series_document: bytes
+    modality: str | None
+    owner_token: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClause:
+    """Matches rows that hold at least one of ``tokens``.
+
+    ``rank`` estimates selectivity (lower: fewer matching rows); an adapter may use it to choose the
+    clause that drives its scan. It never changes the result.
+    """
+
+    tokens: frozenset[int]
+    rank: int = 0
+
+
+def driving_clause(clauses: Sequence[TokenClause]) -> tuple[TokenClause | None, list[TokenClause]]:
+    """The clause an adapter scans first (lowest rank, then fewest tokens) and the ones it checks after."""
+    if not clauses:
+        return None, []
+    ordered = sorted(clauses, key=lambda c: (c.rank, len(c.tokens)))
+    return ordered[0], ordered[1:]
+
+
+@dataclass(frozen=True, slots=True)
+class IndexQuery:
+    """Rows of ``level`` that satisfy every clause and have ``seq > after``, in ``seq`` order, paged."""
+
+    level: Level
+    clauses: tuple[TokenClause, ...] = ()
+    after: int = 0
+    offset: int = 0
+    limit: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class IndexRow:
+    """One search result row: identity, sealed document and the data key that seals it.
+
+    ``seq`` is the row's insertion sequence number at its level (the stable search order).
+    ``document`` is sealed with the data key of object ``sealed_by``: the study-level document for a
+    study row, the study- and series-level document for a series row, the instance's metadata for an
+    instance row. Counts and the study's modalities and SOP classes are kept in clear (not PHI).
+    """
+
+    level: Level
+    seq: int
+    study_uid: str
+    series_uid: str | None
+    sop_uid: str | None
+    sealed_by: str
+    key: WrappedKey
+    document: bytes
+    series_count: int = 0
+    instance_count: int = 0
+    modalities: tuple[str, ...] = ()
+    sop_classes: tuple[str, ...] = ()
 
 
 class PutOutcome(enum.Enum):
@@ -164,13 +254,18 @@ class MetadataStore(Protocol):
 
     # -- instances ------------------------------------------------------------------------------
     async def put_instance(
-        self, record: InstanceRecord, events: Sequence[tuple[str, str, bytes]]
+        self,
+        record: InstanceRecord,
+        events: Sequence[tuple[str, str, bytes]],
+        search: SearchEntry | None = None,
     ) -> PutResult:
         """In one transaction: index the instance (promoting its pending object) and enqueue events.
 
-        ``events`` are ``(topic, key, body)`` triples for the outbox. When an instance with the same
-        SOP Instance UID exists, nothing is written and the outcome is DUPLICATE (same sha256) or
-        CONFLICT (different content), with the existing record.
+        ``events`` are ``(topic, key, body)`` triples for the outbox. With ``search``, the same
+        transaction adds the instance's search row and creates or updates its series and study rows
+        (counts, modalities, SOP classes); without it the instance is retrievable but not searchable.
+        When an instance with the same SOP Instance UID exists, nothing is written and the outcome is
+        DUPLICATE (same sha256) or CONFLICT (different content), with the existing record.
         """
         ...
 
@@ -178,6 +273,26 @@ class MetadataStore(Protocol):
 
     async def list_instances(self, study_uid: str, series_uid: str | None = None) -> list[InstanceRecord]:
         """Instances of a study (or of one series of it), ordered by series then instance UID."""
+        ...
+
+    # -- search (QIDO-RS) -----------------------------------------------------------------------
+    async def search(self, query: IndexQuery) -> list[IndexRow]:
+        """Rows of ``query.level`` holding a token of every clause, with ``seq > query.after``.
+
+        Ordered by ``seq``; ``query.offset`` rows are skipped, at most ``query.limit`` returned.
+        """
+        ...
+
+    async def get_index_key(self, name: str) -> WrappedKey | None:
+        """The wrapped blind-index key ``name``, or None when it was never created."""
+        ...
+
+    async def add_index_key(self, name: str, key: WrappedKey) -> WrappedKey:
+        """Store the wrapped key ``name`` unless one exists; return the stored one (first writer wins)."""
+        ...
+
+    async def replace_index_key(self, name: str, old: WrappedKey, new: WrappedKey) -> bool:
+        """Swap a re-wrapped index key in, only if the stored one is still ``old``; True if swapped."""
         ...
 
     # -- outbox ---------------------------------------------------------------------------------
@@ -204,4 +319,5 @@ def record_to_dict(record: InstanceRecord) -> dict[str, Any]:
         "metadata": record.metadata,
         "frames": record.frames,
         "stored_at": record.stored_at,
+        "owner_org": record.owner_org,
     }

@@ -6,6 +6,7 @@ import asyncio
 import os
 import stat
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -13,11 +14,15 @@ import pytest
 
 from services.storage.adapters.sqlite import SqliteMetadataStore
 from services.storage.ports import (
+    IndexQuery,
     InstanceRecord,
+    Level,
     MetadataStore,
     OutboxEvent,
     PendingObject,
     PutOutcome,
+    SearchEntry,
+    TokenClause,
     WrappedKey,
 )
 from tests.contract.conftest import MetadataStoreFactory
@@ -365,3 +370,324 @@ async def test_sqlite_file_is_private(tmp_path: Path) -> None:
         assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     finally:
         await store.close()
+
+
+# -- search rows (QIDO-RS) -------------------------------------------------------------------------
+CT_CLASS = "1.2.840.10008.5.1.4.1.1.2"
+MR_CLASS = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def entry(
+    study: set[int] | None = None,
+    *,
+    aggregate: set[int] | None = None,
+    series: set[int] | None = None,
+    instance: set[int] | None = None,
+    modality: str | None = "CT",
+    owner: int | None = None,
+    tag: bytes = b"",
+) -> SearchEntry:
+    """A search entry with the given (opaque) tokens and recognisable sealed documents."""
+    return SearchEntry(
+        study_tokens=frozenset(study or set()) | frozenset(aggregate or set()),
+        study_aggregate_tokens=frozenset(aggregate or set()),
+        series_tokens=frozenset(series or set()),
+        instance_tokens=frozenset(instance or set()),
+        study_document=b"\x00study " + tag,
+        series_document=b"\x00series " + tag,
+        modality=modality,
+        owner_token=owner,
+    )
+
+
+async def put_searchable(
+    store: MetadataStore,
+    sop_uid: str,
+    search: SearchEntry,
+    *,
+    study_uid: str = STUDY,
+    series_uid: str = SERIES_A,
+    sop_class_uid: str = CT_CLASS,
+    owner_org: str | None = None,
+) -> InstanceRecord:
+    new = replace(
+        record(sop_uid, await pending(store), series_uid=series_uid, study_uid=study_uid),
+        sop_class_uid=sop_class_uid,
+        owner_org=owner_org,
+    )
+    result = await store.put_instance(new, [(TOPIC, study_uid, b"e")], search)
+    assert result.outcome is PutOutcome.STORED
+    return new
+
+
+def clause(*tokens: int, rank: int = 0) -> TokenClause:
+    return TokenClause(frozenset(tokens), rank)
+
+
+async def found(store: MetadataStore, level: Level, *clauses: TokenClause, **paging: int) -> list[int]:
+    """The seq numbers a search returns."""
+    return [r.seq for r in await store.search(IndexQuery(level, tuple(clauses), **paging))]
+
+
+async def test_put_instance_creates_study_series_and_instance_rows(metadata_store: MetadataStore) -> None:
+    first = await put_searchable(metadata_store, "1.1", entry(tag=b"one"), owner_org="org-a")
+    await put_searchable(metadata_store, "1.2", entry(tag=b"two"))
+    third = await put_searchable(
+        metadata_store, "1.3", entry(modality="MR", tag=b"three"), series_uid=SERIES_B, sop_class_uid=MR_CLASS
+    )
+
+    (study,) = await metadata_store.search(IndexQuery(Level.STUDY))
+    series = await metadata_store.search(IndexQuery(Level.SERIES))
+    instances = await metadata_store.search(IndexQuery(Level.INSTANCE))
+
+    assert (study.study_uid, study.series_uid, study.sop_uid) == (STUDY, None, None)
+    assert (study.series_count, study.instance_count) == (2, 3)
+    assert study.modalities == ("CT", "MR")
+    assert study.sop_classes == (CT_CLASS, MR_CLASS)
+    # The study document is the first instance's, sealed with that instance's data key.
+    assert (study.document, study.sealed_by, study.key) == (b"\x00study one", first.object_id, KEY_1)
+    assert [(s.series_uid, s.instance_count, s.document) for s in series] == [
+        (SERIES_A, 2, b"\x00series one"),
+        (SERIES_B, 1, b"\x00series three"),
+    ]
+    assert series[1].sealed_by == third.object_id
+    assert [(i.sop_uid, i.series_uid) for i in instances] == [
+        ("1.1", SERIES_A),
+        ("1.2", SERIES_A),
+        ("1.3", SERIES_B),
+    ]
+    assert instances[2].document == third.metadata
+    assert instances[2].sealed_by == third.object_id
+    assert [i.seq for i in instances] == sorted(i.seq for i in instances)
+    assert (await metadata_store.get_instance(STUDY, SERIES_A, "1.1")) == first  # owner_org kept
+
+
+async def test_search_matches_every_clause_and_any_token_of_one(metadata_store: MetadataStore) -> None:
+    await put_searchable(metadata_store, "1.1", entry({10, 11}, series={20}, instance={30, 31}))
+    await put_searchable(
+        metadata_store,
+        "2.1",
+        entry({10, 12}, series={21}, instance={30}),
+        study_uid="9.1",
+        series_uid="9.1.1",
+    )
+    await put_searchable(
+        metadata_store, "3.1", entry({13}, series={20}, instance={32}), study_uid="9.2", series_uid="9.2.1"
+    )
+    study_seqs = [r.seq for r in await metadata_store.search(IndexQuery(Level.STUDY))]
+
+    assert await found(metadata_store, Level.STUDY, clause(10)) == study_seqs[:2]
+    assert await found(metadata_store, Level.STUDY, clause(10), clause(12)) == study_seqs[1:2]
+    assert await found(metadata_store, Level.STUDY, clause(11, 13)) == [study_seqs[0], study_seqs[2]]
+    assert await found(metadata_store, Level.STUDY, clause(11, 12), clause(13)) == []
+    assert await found(metadata_store, Level.STUDY, clause(99)) == []
+    assert await found(metadata_store, Level.STUDY, clause()) == []  # an empty clause matches nothing
+    assert await found(metadata_store, Level.STUDY, clause(20)) == []  # tokens belong to their level
+    assert len(await found(metadata_store, Level.SERIES, clause(20))) == 2
+    assert len(await found(metadata_store, Level.INSTANCE, clause(30), clause(31, 32))) == 1
+
+
+async def test_later_instances_add_only_aggregate_tokens_to_their_study(
+    metadata_store: MetadataStore,
+) -> None:
+    await put_searchable(metadata_store, "1.1", entry({10}, aggregate={100}, series={20}))
+    await put_searchable(
+        metadata_store, "1.2", entry({11}, aggregate={101}, series={21}), series_uid=SERIES_B
+    )
+    await put_searchable(
+        metadata_store, "1.3", entry({12}, aggregate={100}, series={22}), series_uid=SERIES_B
+    )
+
+    for token, hits in [(10, 1), (100, 1), (101, 1), (11, 0), (12, 0)]:
+        assert len(await found(metadata_store, Level.STUDY, clause(token))) == hits, token
+    assert len(await found(metadata_store, Level.SERIES, clause(21))) == 1
+    assert await found(metadata_store, Level.SERIES, clause(22)) == []  # series B exists: its row stays
+
+
+async def test_series_and_instances_inherit_the_study_owner(metadata_store: MetadataStore) -> None:
+    await put_searchable(metadata_store, "1.1", entry({10}, owner=500), owner_org="org-a")
+    await put_searchable(
+        metadata_store, "1.2", entry({10}, owner=600), series_uid=SERIES_B, owner_org="org-b"
+    )
+    await put_searchable(metadata_store, "2.1", entry({10}), study_uid="9.1", series_uid="9.1.1")
+
+    for level, rows in [(Level.STUDY, 1), (Level.SERIES, 2), (Level.INSTANCE, 2)]:
+        assert len(await found(metadata_store, level, clause(500))) == rows, level
+        assert await found(metadata_store, level, clause(600)) == [], level
+    assert len(await found(metadata_store, Level.STUDY, clause(10))) == 2
+
+
+async def test_search_order_and_paging(metadata_store: MetadataStore) -> None:
+    for n in range(30):
+        tokens = {1} | ({2} if n % 2 == 0 else set()) | ({3} if n % 7 == 0 else set())
+        await put_searchable(
+            metadata_store, f"{n}.1", entry(tokens), study_uid=f"9.{n}", series_uid=f"9.{n}.1"
+        )
+    every = await found(metadata_store, Level.STUDY, limit=1000)
+    even = every[0::2]
+
+    assert len(every) == 30
+    assert every == sorted(every)
+    assert await found(metadata_store, Level.STUDY, clause(2, rank=4), limit=5) == even[:5]
+    assert await found(metadata_store, Level.STUDY, clause(2), offset=5, limit=5) == even[5:10]
+    assert await found(metadata_store, Level.STUDY, clause(2), offset=14, limit=5) == even[14:]
+    assert await found(metadata_store, Level.STUDY, clause(2), offset=15) == []
+    assert await found(metadata_store, Level.STUDY, clause(2), after=even[3], limit=2) == even[4:6]
+    assert await found(metadata_store, Level.STUDY, clause(1, rank=5), clause(3), offset=1) == every[7::7][:4]
+    assert await found(metadata_store, Level.STUDY, offset=28, limit=5) == every[28:]
+    assert await found(metadata_store, Level.STUDY, after=every[9], offset=2, limit=3) == every[12:15]
+    assert await found(metadata_store, Level.STUDY, clause(2), limit=0) == []
+
+
+async def test_instance_without_search_entry_is_not_searchable(metadata_store: MetadataStore) -> None:
+    await metadata_store.put_instance(record("1.1", await pending(metadata_store)), [])
+    await put_searchable(metadata_store, "1.2", entry({10}, instance={30}))
+
+    assert [r.sop_uid for r in await metadata_store.search(IndexQuery(Level.INSTANCE))] == ["1.2"]
+    (study,) = await metadata_store.search(IndexQuery(Level.STUDY))
+    assert study.instance_count == 1
+    assert await metadata_store.get_instance(STUDY, SERIES_A, "1.1") is not None
+
+
+async def test_duplicate_and_conflicting_puts_leave_search_rows_alone(metadata_store: MetadataStore) -> None:
+    first = await put_searchable(metadata_store, "1.1", entry({10}, series={20}, instance={30}))
+    same = record("1.1", await pending(metadata_store))
+    other = record("1.1", await pending(metadata_store), sha256="b" * 64)
+
+    for again in (same, other):
+        result = await metadata_store.put_instance(again, [], entry({11}, series={21}, instance={31}))
+        assert result.existing == first
+
+    (study,) = await metadata_store.search(IndexQuery(Level.STUDY))
+    assert study.instance_count == 1
+    for level, token in [(Level.STUDY, 11), (Level.SERIES, 21), (Level.INSTANCE, 31)]:
+        assert await found(metadata_store, level, clause(token)) == []
+    assert len(await metadata_store.search(IndexQuery(Level.INSTANCE))) == 1
+
+
+async def test_concurrent_puts_into_one_new_study(
+    metadata_store: MetadataStore, metadata_store_factory: MetadataStoreFactory
+) -> None:
+    """Two replicas store the instances of one new study at once: one study row, exact counts."""
+    other = metadata_store_factory()
+    await other.init()
+    try:
+        stores = [metadata_store, other]
+        objects = [await pending(metadata_store) for _ in range(8)]
+        records = [
+            replace(record(f"1.{i}", objects[i], series_uid=SERIES_A if i % 2 else SERIES_B))
+            for i in range(8)
+        ]
+        results = await asyncio.gather(
+            *(
+                stores[i % 2].put_instance(r, [], entry({10}, aggregate={100 + i % 3}))
+                for i, r in enumerate(records)
+            )
+        )
+        assert all(r.outcome is PutOutcome.STORED for r in results)
+        (study,) = await metadata_store.search(IndexQuery(Level.STUDY))
+        assert (study.series_count, study.instance_count) == (2, 8)
+        assert [s.instance_count for s in await other.search(IndexQuery(Level.SERIES))] == [4, 4]
+        assert len(await found(metadata_store, Level.INSTANCE, limit=100)) == 8
+        for token in (100, 101, 102):
+            assert len(await found(other, Level.STUDY, clause(token))) == 1
+    finally:
+        await other.close()
+
+
+async def test_reads_see_committed_writes_under_concurrent_reads(metadata_store: MetadataStore) -> None:
+    """Reads running all the time must never pin an old snapshot: an acknowledged write is readable."""
+    for _ in range(100):
+        await pending(metadata_store)
+    misses = 0
+    done = False
+
+    async def reader() -> None:
+        while not done:
+            await metadata_store.pending_objects(1e12)
+
+    async def writer() -> None:
+        nonlocal misses, done
+        try:
+            for _ in range(30):
+                object_id = await pending(metadata_store)
+                if await metadata_store.get_data_key(object_id) is None:
+                    misses += 1
+        finally:
+            done = True
+
+    await asyncio.gather(writer(), *(reader() for _ in range(6)))
+    assert misses == 0
+
+
+async def test_search_scans_many_rows_in_order(metadata_store: MetadataStore) -> None:
+    """Enough rows for several scan windows: dense, sparse and combined clauses against a model."""
+    tokens_of: list[set[int]] = []
+    for n in range(600):
+        tokens = {1} | {2 + n % 5} | ({7} if n % 97 == 0 else set()) | ({8} if 250 <= n < 260 else set())
+        tokens_of.append(tokens)
+        await put_searchable(
+            metadata_store,
+            f"{n}.1",
+            entry(tokens, instance=tokens),
+            study_uid=f"9.{n}",
+            series_uid=f"9.{n}.1",
+        )
+    seqs = await found(metadata_store, Level.STUDY, limit=1000)
+    assert len(seqs) == 600
+
+    def model(*clauses: set[int]) -> list[int]:
+        return [s for s, t in zip(seqs, tokens_of, strict=True) if all(t & c for c in clauses)]
+
+    cases: list[tuple[list[TokenClause], dict[str, int]]] = [
+        ([clause(2, rank=4)], {"limit": 100}),
+        ([clause(2, rank=4)], {"offset": 90, "limit": 40}),
+        ([clause(7, rank=1)], {"limit": 100}),
+        ([clause(1, rank=5), clause(8, rank=3)], {"limit": 100}),
+        ([clause(3, 4, rank=2), clause(1, rank=5)], {"offset": 200, "limit": 30}),
+        ([clause(1, rank=5), clause(7, rank=1), clause(2, 3, rank=3)], {"limit": 10}),
+        ([], {"offset": 555, "limit": 100}),
+    ]
+    for clauses, paging in cases:
+        expected = model(*(set(c.tokens) for c in clauses))
+        offset, limit = paging.get("offset", 0), paging["limit"]
+        got = await found(metadata_store, Level.STUDY, *clauses, **paging)
+        assert got == expected[offset : offset + limit], (clauses, paging)
+    assert len(await found(metadata_store, Level.INSTANCE, clause(8, rank=3))) == 10
+
+
+async def test_index_keys(metadata_store: MetadataStore) -> None:
+    first, second = WrappedKey("kek-1", b"\x00index-key-1"), WrappedKey("kek-1", b"\x00index-key-2")
+    rewrapped = WrappedKey("kek-2", b"\x00index-key-1 again")
+
+    assert await metadata_store.get_index_key("qido") is None
+    assert await metadata_store.add_index_key("qido", first) == first
+    assert await metadata_store.add_index_key("qido", second) == first  # the first writer wins
+    assert await metadata_store.replace_index_key("qido", second, rewrapped) is False
+    assert await metadata_store.replace_index_key("qido", first, rewrapped) is True
+    assert await metadata_store.get_index_key("qido") == rewrapped
+    assert await metadata_store.get_index_key("other") is None
+
+
+async def test_search_rows_persist_across_reopen(
+    metadata_store: MetadataStore, metadata_store_factory: MetadataStoreFactory
+) -> None:
+    await put_searchable(metadata_store, "1.1", entry({10}, series={20}, instance={30}))
+    await metadata_store.add_index_key("qido", WrappedKey("kek-1", b"k"))
+    before = {
+        level: await metadata_store.search(IndexQuery(level, (clause(10 + 10 * level),))) for level in Level
+    }
+    await metadata_store.close()
+
+    reopened = metadata_store_factory()
+    await reopened.init()
+    try:
+        for level in Level:
+            assert await reopened.search(IndexQuery(level, (clause(10 + 10 * level),))) == before[level]
+        assert await reopened.get_index_key("qido") == WrappedKey("kek-1", b"k")
+        await put_searchable(reopened, "2.1", entry({10}), study_uid="9.1", series_uid="9.1.1")
+        seqs = await found(reopened, Level.STUDY, clause(10))
+        assert len(seqs) == 2
+        assert seqs[1] > seqs[0]  # numbering continues
+    finally:
+        await reopened.close()

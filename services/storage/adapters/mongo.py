@@ -1,16 +1,24 @@
-"""Cluster metadata store: the index, the data keys and the outbox in MongoDB (PyMongo's async API).
+"""Cluster metadata store: the index, the data keys, search rows and the outbox in MongoDB (PyMongo async).
 
 ``put_instance`` runs in a multi-document transaction, so MongoDB must run as a replica set (a
 single-node one is enough). Outbox sequence numbers come from a counter document updated inside the
 same transaction: concurrent transactions conflict on it, so sequence order is commit order.
+
+Search rows (``qido_studies``, ``qido_series`` and the ``instances`` themselves) hold their blind-index
+tokens in a multikey array ``t`` indexed with ``seq``. A search drives one clause through that index
+(the most selective by rank) over growing ``seq`` windows, so a broad single-token query touches about
+as many rows as the page needs; the other clauses are checked on the returned token arrays.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from bson.int64 import Int64
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.collection import AsyncCollection
@@ -18,17 +26,46 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from services.storage.ports import (
+    IndexQuery,
+    IndexRow,
     InstanceRecord,
+    Level,
     OutboxEvent,
     PendingObject,
     PutOutcome,
     PutResult,
+    SearchEntry,
     WrappedKey,
+    driving_clause,
     record_to_dict,
 )
 
 Document = dict[str, Any]
 _OUTBOX_COUNTER = "outbox"
+_SEARCH_COUNTER = "qido"
+_COLLECTIONS = {Level.STUDY: "qido_studies", Level.SERIES: "qido_series", Level.INSTANCE: "instances"}
+_COUNTER_FIELDS = {Level.STUDY: "study", Level.SERIES: "series", Level.INSTANCE: "instance"}
+_MIN_WINDOW = 256  # seq numbers scanned by the first window of a search
+# Drivers at least this broad (TokenClause.rank) are scanned in seq windows; a single token already
+# from rank 2 (a window costs one round trip per token).
+_WINDOW_RANK = 3
+_WINDOW_RANK_ONE_TOKEN = 2
+_SPLIT_TOKENS = 16  # a driver with up to this many tokens is looked up token by token
+_ROW_FIELDS = {
+    Level.STUDY: (
+        "seq",
+        "study_uid",
+        "doc_object_id",
+        "doc",
+        "series_count",
+        "instance_count",
+        "modalities",
+        "sop_classes",
+    ),
+    Level.SERIES: ("seq", "study_uid", "series_uid", "doc_object_id", "doc", "instance_count"),
+    Level.INSTANCE: ("seq", "study_uid", "series_uid", "object_id", "metadata"),
+}
+_PUT_ATTEMPTS = 5  # a concurrent put can create the same study or series row first: retry
 
 
 def _instance_document(record: InstanceRecord) -> Document:
@@ -37,6 +74,42 @@ def _instance_document(record: InstanceRecord) -> Document:
     if record.frames is not None:
         doc["frames"] = [[[offset, length] for offset, length in frame] for frame in record.frames]
     return doc
+
+
+def _tokens(tokens: Iterable[int]) -> list[Int64]:
+    return [Int64(t) for t in sorted(tokens)]
+
+
+def _series_id(study_uid: str, series_uid: str) -> str:
+    return f"{study_uid}/{series_uid}"
+
+
+def _index_row(level: Level, doc: Mapping[str, Any], key: WrappedKey) -> IndexRow:
+    if level is Level.INSTANCE:
+        return IndexRow(
+            level=level,
+            seq=int(doc["seq"]),
+            study_uid=doc["study_uid"],
+            series_uid=doc["series_uid"],
+            sop_uid=doc["_id"],
+            sealed_by=doc["object_id"],
+            key=key,
+            document=bytes(doc["metadata"]),
+        )
+    return IndexRow(
+        level=level,
+        seq=int(doc["seq"]),
+        study_uid=doc["study_uid"],
+        series_uid=doc.get("series_uid"),
+        sop_uid=None,
+        sealed_by=doc["doc_object_id"],
+        key=key,
+        document=bytes(doc["doc"]),
+        series_count=int(doc.get("series_count", 0)),
+        instance_count=int(doc.get("instance_count", 0)),
+        modalities=tuple(sorted(doc.get("modalities", []))),
+        sop_classes=tuple(sorted(doc.get("sop_classes", []))),
+    )
 
 
 def _record(doc: Mapping[str, Any]) -> InstanceRecord:
@@ -53,6 +126,7 @@ def _record(doc: Mapping[str, Any]) -> InstanceRecord:
         metadata=bytes(doc["metadata"]),
         frames=None if frames is None else [[(int(o), int(n)) for o, n in frame] for frame in frames],
         stored_at=doc["stored_at"],
+        owner_org=doc.get("owner_org"),
     )
 
 
@@ -91,6 +165,13 @@ class MongoMetadataStore:
     def _counters(self) -> AsyncCollection[Document]:
         return self._db()["counters"]
 
+    @property
+    def _index_keys(self) -> AsyncCollection[Document]:
+        return self._db()["index_keys"]
+
+    def _level(self, level: Level) -> AsyncCollection[Document]:
+        return self._db()[_COLLECTIONS[level]]
+
     async def init(self) -> None:
         """Connect, create the indexes and the outbox counter (idempotent)."""
         if self._client is None:
@@ -100,8 +181,28 @@ class MongoMetadataStore:
         await self._instances.create_index(
             [("study_uid", ASCENDING), ("series_uid", ASCENDING), ("_id", ASCENDING)]
         )
-        # Created here, outside any transaction, so put_instance only ever updates it.
+        for level in Level:
+            collection = self._level(level)
+            await collection.create_index([("t", ASCENDING), ("seq", ASCENDING)])
+            # Instances stored without a search entry have no seq, so only the search rows are unique.
+            await collection.create_index([("seq", ASCENDING)], unique=level is not Level.INSTANCE)
+        # Created here, outside any transaction, so put_instance only ever updates them.
         await self._counters.update_one({"_id": _OUTBOX_COUNTER}, {"$setOnInsert": {"seq": 0}}, upsert=True)
+        await self._counters.update_one(
+            {"_id": _SEARCH_COUNTER},
+            # *_removed count rows ever deleted (none are yet): while 0, seq numbers have no gaps.
+            {
+                "$setOnInsert": {
+                    "study": 0,
+                    "series": 0,
+                    "instance": 0,
+                    "study_removed": 0,
+                    "series_removed": 0,
+                    "instance_removed": 0,
+                }
+            },
+            upsert=True,
+        )
 
     async def ping(self) -> None:
         """Raise when the server cannot be reached."""
@@ -174,9 +275,12 @@ class MongoMetadataStore:
 
     # -- instances ------------------------------------------------------------------------------
     async def put_instance(
-        self, record: InstanceRecord, events: Sequence[tuple[str, str, bytes]]
+        self,
+        record: InstanceRecord,
+        events: Sequence[tuple[str, str, bytes]],
+        search: SearchEntry | None = None,
     ) -> PutResult:
-        """Index the instance, promote its pending object and enqueue ``events``, in one transaction.
+        """Index the instance (and its search rows), promote its object, enqueue ``events``: one transaction.
 
         Raises LookupError (and writes nothing) when the instance's object has no data key.
         """
@@ -194,7 +298,10 @@ class MongoMetadataStore:
                 raise LookupError(
                     f"object {record.object_id} has no data key (never recorded, or dropped by the sweeper)"
                 )
-            await self._instances.insert_one(_instance_document(record), session=session)
+            doc = _instance_document(record)
+            if search is not None:
+                doc.update(await self._add_search_rows(record, search, session))
+            await self._instances.insert_one(doc, session=session)
             if events:
                 counter = await self._counters.find_one_and_update(
                     {"_id": _OUTBOX_COUNTER},
@@ -217,15 +324,87 @@ class MongoMetadataStore:
                 )
             return PutResult(PutOutcome.STORED)
 
-        async with self._client.start_session() as session:
-            try:
-                return await session.with_transaction(transaction)
-            except DuplicateKeyError:
-                # Another transaction inserted the same SOP Instance UID between our read and our insert.
-                doc = await self._instances.find_one({"_id": record.sop_uid})
-                if doc is None:
-                    raise
-                return _existing_result(_record(doc), record)
+        for attempt in range(_PUT_ATTEMPTS):
+            async with self._client.start_session() as session:
+                try:
+                    return await session.with_transaction(transaction)
+                except DuplicateKeyError:
+                    # Another transaction inserted the same SOP Instance UID between our read and our
+                    # insert, or created the same study or series row first (then try again).
+                    doc = await self._instances.find_one({"_id": record.sop_uid})
+                    if doc is not None:
+                        return _existing_result(_record(doc), record)
+                    if attempt == _PUT_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")
+
+    async def _add_search_rows(
+        self, record: InstanceRecord, search: SearchEntry, session: AsyncClientSession
+    ) -> Document:
+        """Create or update the study and series rows of a new instance; return the instance's search fields."""
+        studies, series = self._level(Level.STUDY), self._level(Level.SERIES)
+        series_id = _series_id(record.study_uid, record.series_uid)
+        study = await studies.find_one({"_id": record.study_uid}, {"owner_token": 1}, session=session)
+        series_doc = await series.find_one({"_id": series_id}, {"_id": 1}, session=session)
+        increments = {"instance": 1, "study": int(study is None), "series": int(series_doc is None)}
+        counters = await self._counters.find_one_and_update(
+            {"_id": _SEARCH_COUNTER},
+            {"$inc": increments},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        if counters is None:  # cannot happen with upsert=True
+            raise RuntimeError("the search counter document is missing")
+        owner_token = search.owner_token if study is None else study.get("owner_token")
+        owner = {owner_token} if owner_token is not None else set()
+        if study is None:
+            await studies.insert_one(
+                {
+                    "_id": record.study_uid,
+                    "seq": int(counters["study"]),
+                    "study_uid": record.study_uid,
+                    "owner_org": record.owner_org,
+                    "owner_token": None if owner_token is None else Int64(owner_token),
+                    "doc_object_id": record.object_id,
+                    "doc": search.study_document,
+                    "series_count": 1,
+                    "instance_count": 1,
+                    "modalities": [] if search.modality is None else [search.modality],
+                    "sop_classes": [record.sop_class_uid],
+                    "t": _tokens(search.study_tokens | owner),
+                },
+                session=session,
+            )
+        else:
+            add: Document = {
+                "t": {"$each": _tokens(search.study_aggregate_tokens)},
+                "sop_classes": record.sop_class_uid,
+            }
+            if search.modality is not None:
+                add["modalities"] = search.modality
+            await studies.update_one(
+                {"_id": record.study_uid},
+                {"$inc": {"instance_count": 1, "series_count": int(series_doc is None)}, "$addToSet": add},
+                session=session,
+            )
+        if series_doc is None:
+            await series.insert_one(
+                {
+                    "_id": series_id,
+                    "seq": int(counters["series"]),
+                    "study_uid": record.study_uid,
+                    "series_uid": record.series_uid,
+                    "doc_object_id": record.object_id,
+                    "doc": search.series_document,
+                    "instance_count": 1,
+                    "t": _tokens(search.series_tokens | owner),
+                },
+                session=session,
+            )
+        else:
+            await series.update_one({"_id": series_id}, {"$inc": {"instance_count": 1}}, session=session)
+        return {"seq": int(counters["instance"]), "t": _tokens(search.instance_tokens | owner)}
 
     async def get_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> InstanceRecord | None:
         """The instance's record, or None when it is not in that study and series."""
@@ -241,6 +420,124 @@ class MongoMetadataStore:
             query["series_uid"] = series_uid
         cursor = self._instances.find(query).sort([("series_uid", ASCENDING), ("_id", ASCENDING)])
         return [_record(doc) async for doc in cursor]
+
+    # -- search (QIDO-RS) -----------------------------------------------------------------------
+    async def search(self, query: IndexQuery) -> list[IndexRow]:
+        """Rows of ``query.level`` holding a token of every clause, in ``seq`` order, paged."""
+        need = query.offset + query.limit
+        if query.limit <= 0 or any(not c.tokens for c in query.clauses):
+            return []
+        counters = await self._counters.find_one({"_id": _SEARCH_COUNTER}) or {}
+        field = _COUNTER_FIELDS[query.level]
+        last = int(counters.get(field, 0))
+        fields = dict.fromkeys(_ROW_FIELDS[query.level], 1)
+        if not query.clauses and not counters.get(f"{field}_removed", 0):
+            # Every row, none ever removed: seq numbers run 1..last without gaps (a row and its number
+            # are written in one transaction), so the offset is a seq number and needs no scan.
+            start = query.after + query.offset
+            window = {"seq": {"$gt": start, "$lte": start + query.limit}}
+            cursor = self._level(query.level).find(window, fields).sort("seq", ASCENDING)
+            return await self._rows(query.level, [d async for d in cursor])
+        # A first page of a one-clause search comes back whole from the scan; otherwise slim rows are
+        # scanned (skipped, checked) and only the page is fetched whole.
+        whole = query.offset == 0 and len(query.clauses) <= 1
+        page = (await self._matching(query, need, last, whole=whole))[query.offset : need]
+        if not page:
+            return []
+        if not whole:
+            seqs = [int(d["seq"]) for d in page]
+            found = {
+                int(d["seq"]): d async for d in self._level(query.level).find({"seq": {"$in": seqs}}, fields)
+            }
+            page = [found[seq] for seq in seqs]
+        return await self._rows(query.level, page)
+
+    async def _rows(self, level: Level, page: list[Document]) -> list[IndexRow]:
+        """Search rows with the wrapped data keys that seal their documents."""
+        sealed_by = "object_id" if level is Level.INSTANCE else "doc_object_id"
+        object_ids = list({d[sealed_by] for d in page})
+        keys = {
+            d["_id"]: WrappedKey(d["kek_id"], bytes(d["wrapped_key"]))
+            async for d in self._objects.find({"_id": {"$in": object_ids}}, {"kek_id": 1, "wrapped_key": 1})
+        }
+        rows = []
+        for doc in page:
+            key = keys.get(doc[sealed_by])
+            if key is None:
+                raise LookupError("a search row refers to an object without a data key")
+            rows.append(_index_row(level, doc, key))
+        return rows
+
+    async def _matching(self, query: IndexQuery, need: int, last: int, *, whole: bool) -> list[Document]:
+        """The first ``need`` matching rows after ``query.after`` (whole documents, or just their seq).
+
+        The driving clause runs through the ``(t, seq)`` index, one equality lookup per token (an
+        ``$in`` costs the server more per row than separate lookups, unless there are many tokens).
+        A broad driver (or none) is scanned in ``seq`` windows sized from the density seen so far, so
+        a common token reads about as many rows as the page needs instead of every row holding it.
+        """
+        driver, rest = driving_clause(query.clauses)
+        windowed = driver is None or driver.rank >= (
+            _WINDOW_RANK_ONE_TOKEN if len(driver.tokens) == 1 else _WINDOW_RANK
+        )
+        collection = self._level(query.level)
+        # Inclusion projections only: excluding a field costs the server more than sending it.
+        projection = dict.fromkeys(_ROW_FIELDS[query.level] if whole else ("seq",), 1)
+        if rest:
+            projection["t"] = 1
+        lookups: list[Document] = [{}]
+        if driver is not None:
+            tokens = _tokens(driver.tokens)
+            lookups = [{"t": t} for t in tokens] if len(tokens) <= _SPLIT_TOKENS else [{"t": {"$in": tokens}}]
+        hits: list[Document] = []
+        low = query.after
+        width = max(_MIN_WINDOW, 4 * need)
+        while len(hits) < need and low < last:
+            high = min(low + width, last) if windowed else last
+            window = {"$gt": low, "$lte": high}
+            limit = 0 if rest else need - len(hits)
+            batches = await asyncio.gather(
+                *(
+                    collection.find(
+                        {**where, "seq": window}, projection, limit=limit, sort=[("seq", ASCENDING)]
+                    ).to_list()
+                    for where in lookups
+                )
+            )
+            found = {int(doc["seq"]): doc for batch in batches for doc in batch}
+            for seq in sorted(found):
+                doc = found[seq]
+                if rest:
+                    held = set(doc.get("t", ()))
+                    if not all(c.tokens & held for c in rest):
+                        continue
+                hits.append(doc)
+            density = max(len(found), 1) / max(high - low, 1)
+            low = high
+            width = max(_MIN_WINDOW, int((need - len(hits)) / density * 1.25) + 1)
+        return hits[:need]
+
+    async def get_index_key(self, name: str) -> WrappedKey | None:
+        """The wrapped blind-index key ``name``, or None."""
+        doc = await self._index_keys.find_one({"_id": name})
+        return None if doc is None else WrappedKey(doc["kek_id"], bytes(doc["wrapped_key"]))
+
+    async def add_index_key(self, name: str, key: WrappedKey) -> WrappedKey:
+        """Store the wrapped key unless one exists; return the stored one."""
+        with contextlib.suppress(DuplicateKeyError):  # another replica stored one first: it wins
+            await self._index_keys.insert_one({"_id": name, "kek_id": key.kek_id, "wrapped_key": key.wrapped})
+        stored = await self.get_index_key(name)
+        if stored is None:  # cannot happen: it was just inserted or found
+            raise RuntimeError(f"index key {name} vanished")
+        return stored
+
+    async def replace_index_key(self, name: str, old: WrappedKey, new: WrappedKey) -> bool:
+        """Swap a re-wrapped index key in, only if the stored one is still ``old``."""
+        result = await self._index_keys.update_one(
+            {"_id": name, "kek_id": old.kek_id, "wrapped_key": old.wrapped},
+            {"$set": {"kek_id": new.kek_id, "wrapped_key": new.wrapped}},
+        )
+        return result.matched_count == 1
 
     # -- outbox ---------------------------------------------------------------------------------
     async def outbox_batch(self, limit: int) -> list[OutboxEvent]:

@@ -1,4 +1,9 @@
-"""Embedded metadata store: the index, the data keys and the outbox in one SQLite file (WAL mode)."""
+"""Embedded metadata store: the index, the data keys, the search rows and the outbox in one SQLite file.
+
+Search (QIDO-RS) rows live in ``studies``, ``series`` and ``instances``; their blind-index tokens in
+``qido_tokens`` (one row per level, token and row): the most selective clause of a search walks that
+index in ``seq`` order and the other clauses are point probes on it.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +19,23 @@ from typing import Any
 import aiosqlite
 
 from services.storage.ports import (
+    IndexQuery,
+    IndexRow,
     InstanceRecord,
+    Level,
     OutboxEvent,
     PendingObject,
     PutOutcome,
     PutResult,
+    SearchEntry,
     WrappedKey,
+    driving_clause,
 )
 
 BUSY_TIMEOUT_MS = 10_000
 _IN_CHUNK = 500  # host parameters per "IN (...)" list, far below SQLite's limit
+SCHEMA_VERSION = 2
+MAX_QUERY_TOKENS = 30_000  # host parameters in one search, below SQLite's limit of 32766
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -37,7 +49,8 @@ CREATE INDEX IF NOT EXISTS objects_pending ON objects (indexed, created_at);
 CREATE INDEX IF NOT EXISTS objects_kek ON objects (kek_id, object_id);
 
 CREATE TABLE IF NOT EXISTS instances (
-    sop_uid             TEXT PRIMARY KEY,
+    seq                 INTEGER PRIMARY KEY AUTOINCREMENT,
+    sop_uid             TEXT NOT NULL UNIQUE,
     study_uid           TEXT NOT NULL,
     series_uid          TEXT NOT NULL,
     sop_class_uid       TEXT NOT NULL,
@@ -47,10 +60,49 @@ CREATE TABLE IF NOT EXISTS instances (
     sha256              TEXT NOT NULL,
     metadata            BLOB NOT NULL,
     frames              TEXT,
-    stored_at           REAL NOT NULL
+    stored_at           REAL NOT NULL,
+    owner_org           TEXT,
+    searchable          INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (study_uid, series_uid, sop_uid);
 CREATE INDEX IF NOT EXISTS instances_by_object ON instances (object_id);
+CREATE INDEX IF NOT EXISTS instances_searchable ON instances (searchable, seq);
+
+-- Search rows. Documents are sealed with the data key of object doc_object_id; owner_token is the
+-- blind-index access token of owner_org, inherited by the study's series and instances.
+CREATE TABLE IF NOT EXISTS studies (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid      TEXT NOT NULL UNIQUE,
+    owner_org      TEXT,
+    owner_token    INTEGER,
+    doc_object_id  TEXT NOT NULL,
+    doc            BLOB NOT NULL,
+    series_count   INTEGER NOT NULL,
+    instance_count INTEGER NOT NULL,
+    modalities     TEXT NOT NULL,
+    sop_classes    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS series (
+    seq            INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_uid      TEXT NOT NULL,
+    series_uid     TEXT NOT NULL,
+    doc_object_id  TEXT NOT NULL,
+    doc            BLOB NOT NULL,
+    instance_count INTEGER NOT NULL,
+    UNIQUE (study_uid, series_uid)
+);
+CREATE TABLE IF NOT EXISTS qido_tokens (
+    level INTEGER NOT NULL,
+    token INTEGER NOT NULL,
+    seq   INTEGER NOT NULL,
+    PRIMARY KEY (level, token, seq)
+) WITHOUT ROWID;
+
+CREATE TABLE IF NOT EXISTS index_keys (
+    name        TEXT PRIMARY KEY,
+    kek_id      TEXT NOT NULL,
+    wrapped_key BLOB NOT NULL
+);
 
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -63,8 +115,30 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 _INSTANCE_COLUMNS = (
     "study_uid, series_uid, sop_uid, sop_class_uid, transfer_syntax_uid, object_id, size, sha256, "
-    "metadata, frames, stored_at"
+    "metadata, frames, stored_at, owner_org"
 )
+
+# Per level: table, row columns (as IndexRow wants them) and the column naming the sealing object.
+_SEARCH_TABLES = {
+    Level.STUDY: (
+        "studies",
+        "t.seq, t.study_uid, NULL, NULL, t.doc_object_id, o.kek_id, o.wrapped_key, t.doc, "
+        "t.series_count, t.instance_count, t.modalities, t.sop_classes",
+        "doc_object_id",
+    ),
+    Level.SERIES: (
+        "series",
+        "t.seq, t.study_uid, t.series_uid, NULL, t.doc_object_id, o.kek_id, o.wrapped_key, t.doc, "
+        "0, t.instance_count, '[]', '[]'",
+        "doc_object_id",
+    ),
+    Level.INSTANCE: (
+        "instances",
+        "t.seq, t.study_uid, t.series_uid, t.sop_uid, t.object_id, o.kek_id, o.wrapped_key, t.metadata, "
+        "0, 0, '[]', '[]'",
+        "object_id",
+    ),
+}
 
 
 def _frames_to_json(frames: list[list[tuple[int, int]]] | None) -> str | None:
@@ -78,7 +152,7 @@ def _frames_from_json(text: str | None) -> list[list[tuple[int, int]]] | None:
 
 
 def _record(row: Iterable[Any]) -> InstanceRecord:
-    (study, series, sop, sop_class, syntax, object_id, size, sha256, metadata, frames, stored_at) = row
+    (study, series, sop, sop_class, syntax, object_id, size, sha256, metadata, frames, stored_at, owner) = row
     return InstanceRecord(
         study_uid=study,
         series_uid=series,
@@ -91,7 +165,50 @@ def _record(row: Iterable[Any]) -> InstanceRecord:
         metadata=bytes(metadata),
         frames=_frames_from_json(frames),
         stored_at=stored_at,
+        owner_org=owner,
     )
+
+
+def _index_row(level: Level, row: Sequence[Any]) -> IndexRow:
+    (
+        seq,
+        study,
+        series,
+        sop,
+        sealed_by,
+        kek_id,
+        wrapped,
+        doc,
+        series_count,
+        instance_count,
+        mods,
+        classes,
+    ) = row
+    return IndexRow(
+        level=level,
+        seq=seq,
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
+        sealed_by=sealed_by,
+        key=WrappedKey(kek_id, bytes(wrapped)),
+        document=bytes(doc),
+        series_count=series_count,
+        instance_count=instance_count,
+        modalities=tuple(json.loads(mods)),
+        sop_classes=tuple(json.loads(classes)),
+    )
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _merged(items_json: str, item: str | None) -> str:
+    items: list[str] = json.loads(items_json)
+    if item is not None and item not in items:
+        items = sorted([*items, item])
+    return json.dumps(items, separators=(",", ":"))
 
 
 def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
@@ -138,8 +255,15 @@ class SqliteMetadataStore:
         """Create the file (0600), the tables and the indexes (idempotent)."""
         if self._writer is None:
             await asyncio.to_thread(_create_private_file, self._path)
-            self._writer = await self._connect(query_only=False)
-            await self._writer.executescript(_SCHEMA)
+            writer = await self._connect(query_only=False)
+            try:
+                await _check_schema_version(writer, self._path)
+                await writer.executescript(_SCHEMA)
+                await writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            except BaseException:
+                await writer.close()
+                raise
+            self._writer = writer
         if self._reader is None:
             self._reader = await self._connect(query_only=True)
 
@@ -147,6 +271,14 @@ class SqliteMetadataStore:
         if self._reader is None:
             raise RuntimeError("the SQLite metadata store is not open: call init() first")
         return self._reader
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run one query to completion on the reader connection, in a single step of its thread.
+
+        Statements on the shared reader must never overlap: while any statement of a connection is
+        active its read snapshot stays open, and it would keep missing newer commits.
+        """
+        return list(await self._read_db().execute_fetchall(sql, params))
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -166,7 +298,7 @@ class SqliteMetadataStore:
 
     async def ping(self) -> None:
         """Raise when the database cannot be read."""
-        await self._read_db().execute("SELECT 1")
+        await self._read("SELECT 1")
 
     async def close(self) -> None:
         """Close both connections (the store can be opened again with ``init()``)."""
@@ -198,20 +330,17 @@ class SqliteMetadataStore:
 
     async def get_data_key(self, object_id: str) -> WrappedKey | None:
         """The object's wrapped data key, or None when the object is unknown (or was dropped)."""
-        async with self._read_db().execute(
-            "SELECT kek_id, wrapped_key FROM objects WHERE object_id = ?", (object_id,)
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else WrappedKey(row[0], bytes(row[1]))
+        rows = await self._read("SELECT kek_id, wrapped_key FROM objects WHERE object_id = ?", (object_id,))
+        return WrappedKey(rows[0][0], bytes(rows[0][1])) if rows else None
 
     async def pending_objects(self, older_than: float) -> list[PendingObject]:
         """Pending objects created before ``older_than`` (epoch seconds), oldest first."""
-        async with self._read_db().execute(
+        rows = await self._read(
             "SELECT object_id, created_at FROM objects WHERE indexed = 0 AND created_at < ? "
             "ORDER BY created_at, object_id",
             (older_than,),
-        ) as cursor:
-            return [PendingObject(row[0], row[1]) async for row in cursor]
+        )
+        return [PendingObject(row[0], row[1]) for row in rows]
 
     async def drop_object(self, object_id: str) -> bool:
         """Destroy a pending object's data key; True if dropped (False: unknown or already indexed)."""
@@ -223,11 +352,11 @@ class SqliteMetadataStore:
         """Up to ``limit`` (object_id, key) pairs wrapped by another KEK, in object id order."""
         if limit <= 0:
             return []
-        async with self._read_db().execute(
+        rows = await self._read(
             "SELECT object_id, kek_id, wrapped_key FROM objects WHERE kek_id <> ? ORDER BY object_id LIMIT ?",
             (kek_id, limit),
-        ) as cursor:
-            return [(row[0], WrappedKey(row[1], bytes(row[2]))) async for row in cursor]
+        )
+        return [(row[0], WrappedKey(row[1], bytes(row[2]))) for row in rows]
 
     async def replace_data_key(self, object_id: str, old: WrappedKey, new: WrappedKey) -> bool:
         """Swap a re-wrapped key in, only if the stored one is still ``old``; True if swapped."""
@@ -241,9 +370,12 @@ class SqliteMetadataStore:
 
     # -- instances ------------------------------------------------------------------------------
     async def put_instance(
-        self, record: InstanceRecord, events: Sequence[tuple[str, str, bytes]]
+        self,
+        record: InstanceRecord,
+        events: Sequence[tuple[str, str, bytes]],
+        search: SearchEntry | None = None,
     ) -> PutResult:
-        """Index the instance, promote its pending object and enqueue ``events``, in one transaction.
+        """Index the instance (and its search rows), promote its object, enqueue ``events``: one transaction.
 
         Raises LookupError (and writes nothing) when the instance's object has no data key.
         """
@@ -263,8 +395,9 @@ class SqliteMetadataStore:
                 raise LookupError(
                     f"object {record.object_id} has no data key (never recorded, or dropped by the sweeper)"
                 )
-            await db.execute(
-                f"INSERT INTO instances ({_INSTANCE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            cursor = await db.execute(
+                f"INSERT INTO instances ({_INSTANCE_COLUMNS}, searchable) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.study_uid,
                     record.series_uid,
@@ -277,8 +410,12 @@ class SqliteMetadataStore:
                     record.metadata,
                     _frames_to_json(record.frames),
                     record.stored_at,
+                    record.owner_org,
+                    int(search is not None),
                 ),
             )
+            if search is not None:
+                await _add_search_rows(db, record, search, cursor.lastrowid or 0)
             now = time.time()
             await db.executemany(
                 "INSERT INTO outbox (topic, key, body, created_at) VALUES (?, ?, ?, ?)",
@@ -288,12 +425,11 @@ class SqliteMetadataStore:
 
     async def get_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> InstanceRecord | None:
         """The instance's record, or None when it is not in that study and series."""
-        async with self._read_db().execute(
+        rows = await self._read(
             f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE sop_uid = ? AND study_uid = ? AND series_uid = ?",
             (sop_uid, study_uid, series_uid),
-        ) as cursor:
-            row = await cursor.fetchone()
-        return None if row is None else _record(row)
+        )
+        return _record(rows[0]) if rows else None
 
     async def list_instances(self, study_uid: str, series_uid: str | None = None) -> list[InstanceRecord]:
         """Instances of a study (or of one series of it), ordered by series then instance UID."""
@@ -303,18 +439,81 @@ class SqliteMetadataStore:
         else:
             query = f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE study_uid = ? AND series_uid = ?"
             params = (study_uid, series_uid)
-        async with self._read_db().execute(f"{query} ORDER BY series_uid, sop_uid", params) as cursor:
-            return [_record(row) async for row in cursor]
+        return [_record(row) for row in await self._read(f"{query} ORDER BY series_uid, sop_uid", params)]
+
+    # -- search (QIDO-RS) -----------------------------------------------------------------------
+    async def search(self, query: IndexQuery) -> list[IndexRow]:
+        """Rows of ``query.level`` holding a token of every clause, in ``seq`` order, paged."""
+        if query.limit <= 0 or any(not c.tokens for c in query.clauses):
+            return []
+        table, columns, sealed_by = _SEARCH_TABLES[query.level]
+        params: list[Any] = []
+        driver, probes = driving_clause(query.clauses)
+        if driver is not None:
+            if sum(len(c.tokens) for c in query.clauses) > MAX_QUERY_TOKENS:
+                raise ValueError("the search has too many tokens for one SQLite statement")
+            # The most selective clause walks the token index in seq order; every other clause is a
+            # point probe per candidate (far cheaper than intersecting whole token lists).
+            exists = "".join(
+                " AND EXISTS (SELECT 1 FROM qido_tokens p WHERE p.level = d.level AND p.seq = d.seq "
+                f"AND p.token IN ({_marks(len(c.tokens))}))"
+                for c in probes
+            )
+            distinct = "DISTINCT " if len(driver.tokens) > 1 else ""  # one row per token and seq
+            page = (
+                f"SELECT {distinct}d.seq FROM qido_tokens d WHERE d.level = ? "
+                f"AND d.token IN ({_marks(len(driver.tokens))}) AND d.seq > ?{exists} "
+                "ORDER BY d.seq LIMIT ? OFFSET ?"
+            )
+            params += [int(query.level), *sorted(driver.tokens), query.after]
+            for clause in probes:
+                params += sorted(clause.tokens)
+        else:
+            visible = "searchable = 1 AND " if query.level is Level.INSTANCE else ""
+            page = f"SELECT seq FROM {table} WHERE {visible}seq > ? ORDER BY seq LIMIT ? OFFSET ?"
+            params.append(query.after)
+        params += [query.limit, query.offset]
+        sql = (
+            f"SELECT {columns} FROM {table} t JOIN objects o ON o.object_id = t.{sealed_by} "
+            f"WHERE t.seq IN ({page}) ORDER BY t.seq"
+        )
+        return [_index_row(query.level, row) for row in await self._read(sql, params)]
+
+    async def get_index_key(self, name: str) -> WrappedKey | None:
+        """The wrapped blind-index key ``name``, or None."""
+        rows = await self._read("SELECT kek_id, wrapped_key FROM index_keys WHERE name = ?", (name,))
+        return WrappedKey(rows[0][0], bytes(rows[0][1])) if rows else None
+
+    async def add_index_key(self, name: str, key: WrappedKey) -> WrappedKey:
+        """Store the wrapped key unless one exists; return the stored one."""
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO index_keys (name, kek_id, wrapped_key) VALUES (?, ?, ?)",
+                (name, key.kek_id, key.wrapped),
+            )
+            async with db.execute(
+                "SELECT kek_id, wrapped_key FROM index_keys WHERE name = ?", (name,)
+            ) as cursor:
+                row = await cursor.fetchone()
+        assert row is not None
+        return WrappedKey(row[0], bytes(row[1]))
+
+    async def replace_index_key(self, name: str, old: WrappedKey, new: WrappedKey) -> bool:
+        """Swap a re-wrapped index key in, only if the stored one is still ``old``."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE index_keys SET kek_id = ?, wrapped_key = ? WHERE name = ? AND kek_id = ? AND wrapped_key = ?",
+                (new.kek_id, new.wrapped, name, old.kek_id, old.wrapped),
+            )
+            return cursor.rowcount == 1
 
     # -- outbox ---------------------------------------------------------------------------------
     async def outbox_batch(self, limit: int) -> list[OutboxEvent]:
         """The oldest events not yet relayed, in order."""
         if limit <= 0:
             return []
-        async with self._read_db().execute(
-            "SELECT seq, topic, key, body FROM outbox ORDER BY seq LIMIT ?", (limit,)
-        ) as cursor:
-            return [OutboxEvent(row[0], row[1], row[2], bytes(row[3])) async for row in cursor]
+        rows = await self._read("SELECT seq, topic, key, body FROM outbox ORDER BY seq LIMIT ?", (limit,))
+        return [OutboxEvent(row[0], row[1], row[2], bytes(row[3])) for row in rows]
 
     async def outbox_done(self, seqs: Sequence[int]) -> None:
         """Remove relayed events from the outbox."""
@@ -324,3 +523,80 @@ class SqliteMetadataStore:
             for part in _chunks(list(seqs), _IN_CHUNK):
                 marks = ", ".join("?" * len(part))
                 await db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", tuple(part))
+
+
+async def _check_schema_version(db: aiosqlite.Connection, path: Path) -> None:
+    """Refuse a database written by another schema version (no silent half-migrated index)."""
+    async with db.execute("PRAGMA user_version") as cursor:
+        row = await cursor.fetchone()
+    version = int(row[0]) if row is not None else 0
+    if version == SCHEMA_VERSION:
+        return
+    async with db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'instances'"
+    ) as cursor:
+        old = await cursor.fetchone() is not None
+    if version == 0 and not old:
+        return
+    raise RuntimeError(
+        f"the metadata database {path} has schema version {version}, this version needs {SCHEMA_VERSION}; "
+        "it was created by an older development build: move it away (with its objects) and start again"
+    )
+
+
+async def _add_search_rows(
+    db: aiosqlite.Connection, record: InstanceRecord, search: SearchEntry, instance_seq: int
+) -> None:
+    """Create or update the study and series search rows of a new instance, and add its tokens."""
+    async with db.execute(
+        "SELECT seq, owner_token, modalities, sop_classes FROM studies WHERE study_uid = ?",
+        (record.study_uid,),
+    ) as cursor:
+        study = await cursor.fetchone()
+    if study is None:
+        cursor = await db.execute(
+            "INSERT INTO studies (study_uid, owner_org, owner_token, doc_object_id, doc, series_count, "
+            "instance_count, modalities, sop_classes) VALUES (?, ?, ?, ?, ?, 0, 0, '[]', '[]')",
+            (record.study_uid, record.owner_org, search.owner_token, record.object_id, search.study_document),
+        )
+        study_seq, owner_token, modalities, sop_classes = (
+            cursor.lastrowid or 0,
+            search.owner_token,
+            "[]",
+            "[]",
+        )
+        study_tokens = search.study_tokens
+    else:
+        study_seq, owner_token, modalities, sop_classes = study
+        study_tokens = search.study_aggregate_tokens
+    async with db.execute(
+        "SELECT seq FROM series WHERE study_uid = ? AND series_uid = ?", (record.study_uid, record.series_uid)
+    ) as cursor:
+        series = await cursor.fetchone()
+    series_tokens: frozenset[int] = frozenset()
+    if series is None:
+        cursor = await db.execute(
+            "INSERT INTO series (study_uid, series_uid, doc_object_id, doc, instance_count) VALUES (?, ?, ?, ?, 1)",
+            (record.study_uid, record.series_uid, record.object_id, search.series_document),
+        )
+        series_seq = cursor.lastrowid or 0
+        series_tokens = search.series_tokens
+    else:
+        series_seq = series[0]
+        await db.execute("UPDATE series SET instance_count = instance_count + 1 WHERE seq = ?", (series_seq,))
+    await db.execute(
+        "UPDATE studies SET series_count = series_count + ?, instance_count = instance_count + 1, "
+        "modalities = ?, sop_classes = ? WHERE seq = ?",
+        (
+            int(series is None),
+            _merged(modalities, search.modality),
+            _merged(sop_classes, record.sop_class_uid),
+            study_seq,
+        ),
+    )
+    owner = {owner_token} if owner_token is not None else set()
+    rows = [(int(Level.STUDY), t, study_seq) for t in study_tokens | owner]
+    if series is None:
+        rows += [(int(Level.SERIES), t, series_seq) for t in series_tokens | owner]
+    rows += [(int(Level.INSTANCE), t, instance_seq) for t in search.instance_tokens | owner]
+    await db.executemany("INSERT OR IGNORE INTO qido_tokens (level, token, seq) VALUES (?, ?, ?)", rows)
