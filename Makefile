@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast lint format memcheck lock clean
+.PHONY: setup run test test-fast lint format memcheck bench lock clean
 
 setup:
 	@bash scripts/bootstrap.sh
@@ -33,6 +33,11 @@ format: setup
 ## Peak RSS of every service process during a 1 GB multi-instance STOW and a 500 MB single-instance STOW.
 memcheck: setup
 	@$(PY) -m scripts.memcheck
+
+## Side-by-side benchmark against Orthanc (installs Orthanc from Debian packages; run as root).
+## SCALE=N: QIDO-RS over N studies per metadata adapter; BENCH_ARGS: more options (python -m bench -h).
+bench: setup
+	@$(PY) -m bench $(if $(SCALE),--scale $(SCALE)) $(BENCH_ARGS)
 
 ## Re-pin requirements/runtime.txt from requirements/runtime.in.
 lock:

@@ -31,6 +31,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from embedded.launcher import EmbeddedSystem, find_free_base_port
+from scripts.identities import bootstrap_admin, create_org, create_user
 
 MB = 1_000_000
 MIB = 1 << 20
@@ -130,7 +131,11 @@ def run(multi_bytes: int, single_bytes: int, limit: int, state: Path) -> dict[st
     system.start()
     results: dict[str, object] = {"limit_bytes": limit}
     try:
-        client = httpx.Client(timeout=httpx.Timeout(1800.0, connect=10.0))
+        operator = bootstrap_admin(system)
+        clinician = create_user(
+            system, operator, create_org(system, operator, "Memcheck"), "memcheck", ["radiologist"]
+        )
+        client = httpx.Client(timeout=httpx.Timeout(1800.0, connect=10.0), headers=clinician.headers)
         url = f"{system.dicomweb_url}/studies"
 
         with Sampler(system.pids()) as sampler:

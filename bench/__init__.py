@@ -1,0 +1,1 @@
+"""Side-by-side DICOMweb benchmark of cloudpacs against Orthanc (``make bench``)."""

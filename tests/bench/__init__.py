@@ -1,0 +1,1 @@
+"""Smoke tests of the benchmark harness (bench/): a tiny corpus against the embedded system only."""
