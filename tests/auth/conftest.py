@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from services.auth.settings import AuthSettings
 
 StoreFactory = Callable[[], AuthStore]
 ISSUER = "http://testserver"
+SHUTDOWN_SECONDS = 30
 PASSWORD_FOR = "correct horse battery staple {}"
 
 
@@ -175,10 +178,19 @@ async def start_harness(settings: AuthSettings, clock: ManualClock | None = None
     """Run the app (lifespan included) for the duration of an ``async with`` block."""
     clock = clock or ManualClock()
     app = create_app(settings, clock=clock)
-    async with app.router.lifespan_context(app):
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    try:
         transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
         async with httpx.AsyncClient(transport=transport, base_url=ISSUER) as client:
             yield Harness(app, client, clock, settings)
+    finally:
+        # A shutdown that hangs (seen once in a few hundred runs, cause not yet found) must not block
+        # the whole suite: give it a bounded time and report it, rather than waiting forever.
+        try:
+            await asyncio.wait_for(lifespan.__aexit__(None, None, None), SHUTDOWN_SECONDS)
+        except TimeoutError:
+            warnings.warn("the auth app did not shut down within the time allowed", stacklevel=1)
 
 
 @pytest.fixture
