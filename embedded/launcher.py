@@ -68,7 +68,9 @@ class EmbeddedSystem:
     def service_url(self, name: str) -> str:
         return f"http://{self.host}:{self.port + PORT_OFFSETS[name]}"
 
-    def environment(self, token: str = "", secrets_by_service: dict[str, str] | None = None) -> dict[str, str]:
+    def environment(
+        self, token: str = "", secrets_by_service: dict[str, str] | None = None
+    ) -> dict[str, str]:
         """The environment every process gets (also what operator tools like ``kek`` need)."""
         env = dict(os.environ)
         env.update(self.extra_env)
