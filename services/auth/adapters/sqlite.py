@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from pacslib.sqlite_tx import write_transaction
 from services.auth.ports import (
     COLLECTIONS,
     Cond,
@@ -272,16 +273,8 @@ class SqliteAuthStore:
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         if self._writer is None:
             raise RuntimeError("the SQLite auth store is not open: call init() first")
-        db = self._writer
-        async with self._write_lock:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
-                raise
+        async with write_transaction(self._writer, self._write_lock) as db:
+            yield db
 
     async def transact(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         async with self._transaction() as db:

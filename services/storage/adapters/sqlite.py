@@ -18,6 +18,7 @@ from typing import Any
 
 import aiosqlite
 
+from pacslib.sqlite_tx import write_transaction
 from services.storage.ports import (
     IndexQuery,
     IndexRow,
@@ -285,16 +286,8 @@ class SqliteMetadataStore:
         """One write transaction; rolled back when the block raises (or is cancelled)."""
         if self._writer is None:
             raise RuntimeError("the SQLite metadata store is not open: call init() first")
-        db = self._writer
-        async with self._write_lock:
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                yield db
-                await db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:
-                    await db.execute("ROLLBACK")
-                raise
+        async with write_transaction(self._writer, self._write_lock) as db:
+            yield db
 
     async def ping(self) -> None:
         """Raise when the database cannot be read."""
