@@ -56,6 +56,8 @@ class EmbeddedSystem:
     extra_env: dict[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # The service identities' client secrets of the running processes (fresh on every start).
+    service_secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -68,9 +70,7 @@ class EmbeddedSystem:
     def service_url(self, name: str) -> str:
         return f"http://{self.host}:{self.port + PORT_OFFSETS[name]}"
 
-    def environment(
-        self, token: str = "", secrets_by_service: dict[str, str] | None = None
-    ) -> dict[str, str]:
+    def environment(self, secrets_by_service: dict[str, str] | None = None) -> dict[str, str]:
         """The environment every process gets (also what operator tools like ``kek`` need)."""
         env = dict(os.environ)
         env.update(self.extra_env)
@@ -80,7 +80,6 @@ class EmbeddedSystem:
             env[prefix + "HOST"] = self.host
             env[prefix + "PORT"] = str(self.port + PORT_OFFSETS[name])
             env.setdefault(prefix + "STATE_DIR", str(self.state_dir))
-            env[prefix + "SERVICE_TOKEN"] = token
             env[prefix + "AUTH_URL"] = self.service_url("auth")
             env[prefix + "AUTH_ISSUER"] = self.base_url
             if name in secrets_by_service:
@@ -102,8 +101,8 @@ class EmbeddedSystem:
         log_dir = self.log_dir or self.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Fresh service secrets per start: they never leave this machine's process environments.
-        identities = {name: secrets.token_urlsafe(32) for name in SERVICE_IDENTITIES}
-        env = self.environment(secrets.token_urlsafe(32), identities)
+        self.service_secrets = {name: secrets.token_urlsafe(32) for name in SERVICE_IDENTITIES}
+        env = self.environment(self.service_secrets)
         commands = {name: [sys.executable, "-m", f"services.{name}"] for name in START_ORDER}
         commands["gateway"] = [sys.executable, "-m", "embedded.gateway_main"]
         try:

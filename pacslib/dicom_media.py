@@ -28,3 +28,5 @@ FAILURE_DATASET_MISMATCH = 0xA900
 FAILURE_CANNOT_UNDERSTAND = 0xC000
 # dcm4chee and others use 0x0111 "Duplicate SOP Instance" for a different object with an existing UID.
 FAILURE_DUPLICATE_SOP_INSTANCE = 0x0111
+# PS3.7 "Refused: Not Authorized": the study (or SOP Instance UID) belongs to another organization.
+FAILURE_NOT_AUTHORIZED = 0x0124

@@ -16,11 +16,6 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     state_dir: Path = Field(Path("var"), description="Directory for embedded-mode state.")
-    service_token: SecretStr | None = Field(
-        None,
-        description="Shared bearer token for service-to-service calls (interim until auth's service "
-        "identities). Internal endpoints refuse every call while it is unset.",
-    )
     event_bus: Literal["embedded"] = Field("embedded", description="Event bus adapter.")
     event_log_path: Path | None = Field(
         None, description="Embedded event log (SQLite) file; default <state_dir>/events.db."

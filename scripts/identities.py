@@ -8,11 +8,19 @@ import secrets
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Protocol
 
 import httpx
 import pyotp
 
-from embedded.launcher import EmbeddedSystem
+
+class System(Protocol):
+    """A running system: its public base URL, and the environment auth's bootstrap command needs."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    def environment(self) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ def _ok(response: httpx.Response, status: int = 200) -> dict[str, object]:
     return body
 
 
-def first_sign_in(system: EmbeddedSystem, username: str, one_time_password: str) -> str:
+def first_sign_in(system: System, username: str, one_time_password: str) -> str:
     """Sign in with a one-time password: choose a password, enrol TOTP, return the access token."""
     base = system.base_url
     step = _ok(httpx.post(f"{base}/auth/login", json={"username": username, "password": one_time_password}))
@@ -55,11 +63,11 @@ def first_sign_in(system: EmbeddedSystem, username: str, one_time_password: str)
     return str(tokens["access_token"])
 
 
-def me(system: EmbeddedSystem, token: str) -> dict[str, object]:
+def me(system: System, token: str) -> dict[str, object]:
     return _ok(httpx.get(f"{system.base_url}/auth/me", headers={"Authorization": f"Bearer {token}"}))
 
 
-def bootstrap_admin(system: EmbeddedSystem) -> Account:
+def bootstrap_admin(system: System) -> Account:
     """Create the operator's first administrator with the bootstrap command and sign in."""
     done = subprocess.run(
         [sys.executable, "-m", "services.auth.bootstrap"],
@@ -75,16 +83,14 @@ def bootstrap_admin(system: EmbeddedSystem) -> Account:
     return Account("admin", str(info["sub"]), str(info["org"]), token)
 
 
-def create_org(system: EmbeddedSystem, admin: Account, name: str) -> str:
+def create_org(system: System, admin: Account, name: str) -> str:
     body = _ok(
         httpx.post(f"{system.base_url}/auth/admin/orgs", json={"name": name}, headers=admin.headers), 201
     )
     return str(body["id"])
 
 
-def create_user(
-    system: EmbeddedSystem, admin: Account, org_id: str, username: str, roles: list[str]
-) -> Account:
+def create_user(system: System, admin: Account, org_id: str, username: str, roles: list[str]) -> Account:
     """Create a user with an administrator's token and complete the user's first sign-in."""
     body = _ok(
         httpx.post(

@@ -30,14 +30,17 @@ SCHEMA_FILE = CHART_DIR / "values.schema.json"
 _META = set(".^$*+?{}[]|()\\")
 
 # Settings every service has that the chart sets itself (listen address, paths inside the container,
-# the service token Secret, the event bus, the trusted proxies).
+# the service identities and auth's URL and issuer, the event bus, the trusted proxies).
 COMMON_MANAGED = frozenset(
     {
         "host",
         "port",
         "log_level",
         "state_dir",
-        "service_token",
+        "auth_url",
+        "auth_issuer",
+        "auth_client_id",
+        "auth_client_secret",
         "event_bus",
         "event_log_path",
         "forwarded_allow_ips",
@@ -64,7 +67,9 @@ MANAGED: dict[str, frozenset[str]] = {
         }
     ),
     "ingest": frozenset({"storage_url"}),
-    "auth": frozenset({"issuer", "store", "sqlite_path", "mongodb_uri", "keyring_path", "create_keyring"}),
+    "auth": frozenset(
+        {"issuer", "store", "sqlite_path", "mongodb_uri", "keyring_path", "create_keyring", "service_clients"}
+    ),
 }
 SETTINGS_CLASSES = {
     "auth": ("services.auth.settings", "AuthSettings"),
@@ -393,9 +398,7 @@ def build_schema() -> dict[str, Any]:
         ),
         "logLevel": {"enum": ["DEBUG", "INFO", "WARNING", "ERROR"]},
         "forwardedAllowIps": {"type": "string", "minLength": 1},
-        "serviceToken": _obj(
-            {"existingSecret": _SECRET_NAME, "key": _KEY, "value": _STR}, ["existingSecret", "key"]
-        ),
+        "serviceIdentities": _obj({"existingSecret": _SECRET_NAME}, ["existingSecret"]),
         "objectStore": _obj(
             {"zones": {"type": "array", "minItems": 1, "items": zone, "description": "S3 store per zone."}},
             ["zones"],

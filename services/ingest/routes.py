@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from pacslib.dicom_media import APPLICATION_DICOM, APPLICATION_DICOM_JSON, MULTIPART_RELATED
 from pacslib.dicom_uids import is_valid_uid
 from pacslib.errors import BadRequestError, ServiceUnavailableError, UnsupportedMediaTypeError
 from pacslib.http_body import body_chunks
+from pacslib.identity import CLINICAL_ROLES
 from pacslib.negotiation import parse_media_type
+from pacslib.tokens import Principal, TokenVerifier, require_principal
 from services.ingest.settings import IngestSettings
 from services.ingest.storage_client import StorageClient
 from services.ingest.stow import StowOutcome, store_multipart, store_single, stow_response
@@ -17,7 +21,16 @@ from services.ingest.stow import StowOutcome, store_multipart, store_single, sto
 router = APIRouter(prefix="/dicom-web")
 
 
-async def _stow(request: Request, study: str | None) -> JSONResponse:
+def _verifier(request: Request) -> TokenVerifier:
+    verifier: TokenVerifier = request.app.state.verifier
+    return verifier
+
+
+# Storing images is clinical work: clinicians only (need-to-know), each study owned by their organization.
+Uploader = Annotated[Principal, Depends(require_principal(_verifier, roles=CLINICAL_ROLES, kinds=("user",)))]
+
+
+async def _stow(request: Request, study: str | None, principal: Principal) -> JSONResponse:
     if study is not None and not is_valid_uid(study):
         raise BadRequestError("the Study Instance UID in the URL is not a valid UID")
     content_type = request.headers.get("content-type")
@@ -42,9 +55,9 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
         boundary = media.params.get("boundary")
         if not boundary:
             raise BadRequestError("the multipart/related Content-Type has no boundary parameter")
-        outcome = await store_multipart(body, boundary, client, settings, study)
+        outcome = await store_multipart(body, boundary, client, settings, study, principal.org)
     elif media.essence == APPLICATION_DICOM:
-        outcome = await store_single(body, client, settings, study)
+        outcome = await store_single(body, client, settings, study, principal.org)
     else:
         raise UnsupportedMediaTypeError(
             f'{media.essence} is not supported; send multipart/related; type="application/dicom"'
@@ -65,12 +78,12 @@ async def _stow(request: Request, study: str | None) -> JSONResponse:
 
 
 @router.post("/studies")
-async def stow_studies(request: Request) -> JSONResponse:
+async def stow_studies(request: Request, principal: Uploader) -> JSONResponse:
     """Store instances of any studies."""
-    return await _stow(request, None)
+    return await _stow(request, None, principal)
 
 
 @router.post("/studies/{study}")
-async def stow_study(request: Request, study: str) -> JSONResponse:
+async def stow_study(request: Request, study: str, principal: Uploader) -> JSONResponse:
     """Store instances of one study (each instance must belong to it)."""
-    return await _stow(request, study)
+    return await _stow(request, study, principal)

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from pydantic import SecretStr
 
-from pacslib.service_auth import service_headers
+from pacslib.errors import PacsError
 from pacslib.telemetry import trace_headers
+from pacslib.tokens import ServiceTokenClient
 
 
 class StorageUnavailableError(Exception):
@@ -19,22 +19,28 @@ class StorageUnavailableError(Exception):
 class StorageClient:
     """Talks to storage over REST with a service token; one pooled connection set per process."""
 
-    def __init__(self, base_url: str, token: SecretStr | None) -> None:
+    def __init__(self, base_url: str, tokens: ServiceTokenClient | None) -> None:
+        self._tokens = tokens
         self._client = httpx.AsyncClient(
             base_url=base_url,
-            headers=service_headers(token),
             timeout=httpx.Timeout(60.0, connect=5.0),
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
         )
 
+    async def _headers(self) -> dict[str, str]:
+        """Trace context plus this service's token (fails closed without an identity)."""
+        if self._tokens is None:
+            raise StorageUnavailableError("ingest has no service identity to call storage with")
+        try:
+            return {**trace_headers(), **await self._tokens.headers()}
+        except PacsError as exc:
+            raise StorageUnavailableError(exc.message) from exc
+
     async def upload(self, body: AsyncIterator[bytes]) -> dict[str, Any]:
         """Stream ``body`` into a new encrypted object; return {object_id, size, sha256}."""
+        headers = {"Content-Type": "application/octet-stream", **await self._headers()}
         try:
-            response = await self._client.post(
-                "/internal/objects",
-                content=body,
-                headers={"Content-Type": "application/octet-stream", **trace_headers()},
-            )
+            response = await self._client.post("/internal/objects", content=body, headers=headers)
         except httpx.HTTPError as exc:
             raise StorageUnavailableError(f"storage upload failed ({type(exc).__name__})") from exc
         if response.status_code != 201:
@@ -45,7 +51,9 @@ class StorageClient:
     async def index(self, payload: dict[str, Any]) -> str:
         """Index an uploaded object as an instance; return the outcome (stored/duplicate/conflict)."""
         try:
-            response = await self._client.post("/internal/instances", json=payload, headers=trace_headers())
+            response = await self._client.post(
+                "/internal/instances", json=payload, headers=await self._headers()
+            )
         except httpx.HTTPError as exc:
             raise StorageUnavailableError(f"storage indexing failed ({type(exc).__name__})") from exc
         if response.status_code != 200:
@@ -59,3 +67,5 @@ class StorageClient:
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._tokens is not None:
+            await self._tokens.close()

@@ -20,6 +20,7 @@ from pacslib.dicom_media import (
     FAILURE_CANNOT_UNDERSTAND,
     FAILURE_DATASET_MISMATCH,
     FAILURE_DUPLICATE_SOP_INSTANCE,
+    FAILURE_NOT_AUTHORIZED,
     FAILURE_OUT_OF_RESOURCES,
     FAILURE_PROCESSING,
     TAG_FAILED_SOP_SEQUENCE,
@@ -122,8 +123,15 @@ class _AbortUploadError(Exception):
 class PartStore:
     """Validates one part while it streams and stores it if it is a valid instance."""
 
-    def __init__(self, client: StorageClient, settings: IngestSettings, expected_study: str | None) -> None:
+    def __init__(
+        self,
+        client: StorageClient,
+        settings: IngestSettings,
+        expected_study: str | None,
+        owner_org: str | None,
+    ) -> None:
         self._client = client
+        self._owner_org = owner_org
         self._settings = settings
         self._expected_study = expected_study
         self._parser = InstanceStreamParser(
@@ -198,12 +206,18 @@ class PartStore:
                 "sha256": written["sha256"],
                 "metadata": parsed.metadata,
                 "frames": parsed.frames,
+                "owner_org": self._owner_org,
             }
         )
         if outcome == "conflict":
             raise PartRejectedError(
                 FAILURE_DUPLICATE_SOP_INSTANCE,
                 "a different instance with this SOP Instance UID exists",
+            )
+        if outcome == "foreign":
+            raise PartRejectedError(
+                FAILURE_NOT_AUTHORIZED,
+                "this Study or SOP Instance UID is in use by a study your organization does not own",
             )
         return self.result
 
@@ -250,8 +264,9 @@ async def store_multipart(
     client: StorageClient,
     settings: IngestSettings,
     expected_study: str | None,
+    owner_org: str | None,
 ) -> StowOutcome:
-    """Store every part of a multipart/related body; never raises for one bad part."""
+    """Store every part of a multipart/related body for ``owner_org``; never raises for one bad part."""
     stream = MultipartStream(boundary)
     outcome = StowOutcome()
     current: PartStore | None = None
@@ -260,7 +275,7 @@ async def store_multipart(
         async for chunk in body:
             for event in stream.feed(chunk):
                 if isinstance(event, PartBegin):
-                    current = PartStore(client, settings, expected_study)
+                    current = PartStore(client, settings, expected_study, owner_org)
                     rejected = False
                     try:
                         check_part_type(event.headers)
@@ -286,10 +301,14 @@ async def store_multipart(
 
 
 async def store_single(
-    body: AsyncIterable[bytes], client: StorageClient, settings: IngestSettings, expected_study: str | None
+    body: AsyncIterable[bytes],
+    client: StorageClient,
+    settings: IngestSettings,
+    expected_study: str | None,
+    owner_org: str | None,
 ) -> StowOutcome:
-    """Store a body that is one application/dicom instance."""
-    part = PartStore(client, settings, expected_study)
+    """Store a body that is one application/dicom instance for ``owner_org``."""
+    part = PartStore(client, settings, expected_study, owner_org)
     rejected = False
     try:
         async for chunk in body:

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator, Sequence
 from fastapi import FastAPI
 
 from pacslib.app import ReadinessCheck, base_app
+from pacslib.identity import build_service_tokens, build_verifier
 from services.storage import internal, qido_routes, routes
+from services.storage.access import AccessChecker
 from services.storage.context import StorageContext, open_context
 from services.storage.settings import StorageSettings
 from services.storage.sweeper import run_sweeper
@@ -23,6 +25,10 @@ def create_app(settings: StorageSettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         ctx = await open_context(settings)
         app.state.ctx = ctx
+        app.state.verifier = build_verifier(settings)
+        app.state.access = AccessChecker(
+            settings.auth_url, build_service_tokens(settings), cache_seconds=settings.access_cache_seconds
+        )
         ctx.relay.start()
         sweeper = asyncio.create_task(run_sweeper(ctx), name="sweeper")
         try:
@@ -31,6 +37,8 @@ def create_app(settings: StorageSettings | None = None) -> FastAPI:
             sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sweeper
+            await app.state.access.close()
+            await app.state.verifier.close()
             await ctx.close()
 
     def checks() -> Sequence[ReadinessCheck]:

@@ -30,7 +30,7 @@ class NewInstance:
     sha256: str
     metadata: dict[str, Any]
     frames: list[list[tuple[int, int]]] | None
-    owner_org: str | None = None  # the storing organization (set by ingest once authentication lands)
+    owner_org: str | None = None  # the storing organization (from the uploader's token, via ingest)
 
 
 async def index_instance(
@@ -40,8 +40,9 @@ async def index_instance(
 
     The same transaction makes the instance searchable (QIDO-RS): its blind-index tokens, and its
     study and series rows with their sealed documents. A re-sent identical instance is a no-op
-    (DUPLICATE); different content under an existing SOP Instance UID is refused (CONFLICT). Either
-    way the newly written copy is discarded.
+    (DUPLICATE); different content under an existing SOP Instance UID is refused (CONFLICT); an
+    instance for a study (or SOP Instance UID) of another organization is refused (FOREIGN). In each
+    of these cases the newly written copy is discarded.
     """
     if await ctx.metadata.get_data_key(new.object_id) is None:
         raise BadRequestError("unknown object id: write the object before indexing it")

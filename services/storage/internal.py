@@ -1,17 +1,17 @@
-"""Internal API used by other services (ingest): write objects, index instances. Service token only."""
+"""Internal API used by ingest: write objects, index instances. Only the ingest service identity may call it."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from pacslib.dicom_uids import is_valid_uid
 from pacslib.errors import BadRequestError
 from pacslib.http_body import body_chunks
-from pacslib.service_auth import check_service_token
 from pacslib.telemetry import current_traceparent
+from services.storage.access_deps import Writer
 from services.storage.context import StorageContext
 from services.storage.instances import NewInstance, index_instance
 from services.storage.objects import write_object
@@ -24,11 +24,7 @@ def _ctx(request: Request) -> StorageContext:
     return ctx
 
 
-def require_service(request: Request) -> None:
-    check_service_token(request, _ctx(request).settings.service_token)
-
-
-router = APIRouter(prefix="/internal", dependencies=[Depends(require_service)], include_in_schema=False)
+router = APIRouter(prefix="/internal", include_in_schema=False)
 
 
 class ObjectWritten(BaseModel):
@@ -48,6 +44,7 @@ class IndexRequest(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     metadata: dict[str, Any]
     frames: list[list[tuple[int, int]]] | None = None
+    owner_org: str = Field(min_length=1, max_length=64)
 
 
 class IndexResponse(BaseModel):
@@ -55,14 +52,14 @@ class IndexResponse(BaseModel):
 
 
 @router.post("/objects", status_code=201)
-async def post_object(request: Request) -> ObjectWritten:
+async def post_object(request: Request, _: Writer) -> ObjectWritten:
     """Encrypt and store the request body as a new pending object."""
     written = await write_object(_ctx(request), body_chunks(request, BODY_IDLE_TIMEOUT))
     return ObjectWritten(object_id=written.object_id, size=written.size, sha256=written.sha256)
 
 
 @router.post("/instances")
-async def post_instance(request: Request, body: IndexRequest) -> IndexResponse:
+async def post_instance(request: Request, body: IndexRequest, _: Writer) -> IndexResponse:
     """Index a written object as a DICOM instance (stored, duplicate or conflict)."""
     for name in ("study_uid", "series_uid", "sop_uid", "sop_class_uid", "transfer_syntax_uid"):
         if not is_valid_uid(getattr(body, name)):
@@ -78,6 +75,7 @@ async def post_instance(request: Request, body: IndexRequest) -> IndexResponse:
         sha256=body.sha256,
         metadata=body.metadata,
         frames=[list(f) for f in body.frames] if body.frames is not None else None,
+        owner_org=body.owner_org,
     )
     outcome = await index_instance(_ctx(request), new, traceparent=current_traceparent())
     return IndexResponse(outcome=outcome.value)

@@ -194,6 +194,9 @@ class PutOutcome(enum.Enum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # the same content was stored before: nothing changed
     CONFLICT = "conflict"  # another content is stored under this SOP Instance UID: nothing changed
+    FOREIGN = (
+        "foreign"  # the study (or the SOP Instance UID) belongs to another organization: nothing changed
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,15 +8,14 @@ from fastapi.responses import JSONResponse
 from pacslib.dicom_media import APPLICATION_DICOM_JSON
 from pacslib.errors import NotAcceptableError
 from pacslib.negotiation import parse_accept
+from pacslib.tokens import Principal
+from services.storage.access_deps import Viewer, access_checker
 from services.storage.context import StorageContext
 from services.storage.ports import Level
 from services.storage.qido import search
-from services.storage.query_model import AccessScope, parse_query
+from services.storage.query_model import parse_query
 
 router = APIRouter(prefix="/dicom-web")
-
-# Until authentication lands every caller sees every study (the service binds to loopback).
-UNRESTRICTED = AccessScope(all=True)
 
 
 def _accepts_json(request: Request) -> bool:
@@ -25,7 +24,11 @@ def _accepts_json(request: Request) -> bool:
 
 
 async def _search(
-    request: Request, level: Level, study: str | None = None, series: str | None = None
+    request: Request,
+    principal: Principal,
+    level: Level,
+    study: str | None = None,
+    series: str | None = None,
 ) -> JSONResponse:
     if not _accepts_json(request):
         raise NotAcceptableError("search results are available as application/dicom+json only")
@@ -38,7 +41,9 @@ async def _search(
         max_limit=ctx.qido.max_limit,
     )
     base_url = str(request.base_url).rstrip("/") + "/dicom-web"
-    result = await search(ctx, query, UNRESTRICTED, base_url)
+    # Need-to-know is part of the query itself: nothing outside the scope is returned or counted.
+    scope = await access_checker(request).scope(principal)
+    result = await search(ctx, query, scope, base_url)
     headers = {"Cache-Control": "no-store"}
     warnings = []
     if query.limit_lowered:
@@ -53,36 +58,38 @@ async def _search(
 
 
 @router.get("/studies")
-async def search_studies(request: Request) -> JSONResponse:
+async def search_studies(request: Request, principal: Viewer) -> JSONResponse:
     """Search for studies."""
-    return await _search(request, Level.STUDY)
+    return await _search(request, principal, Level.STUDY)
 
 
 @router.get("/series")
-async def search_series(request: Request) -> JSONResponse:
+async def search_series(request: Request, principal: Viewer) -> JSONResponse:
     """Search for series of all studies."""
-    return await _search(request, Level.SERIES)
+    return await _search(request, principal, Level.SERIES)
 
 
 @router.get("/instances")
-async def search_instances(request: Request) -> JSONResponse:
+async def search_instances(request: Request, principal: Viewer) -> JSONResponse:
     """Search for instances of all studies."""
-    return await _search(request, Level.INSTANCE)
+    return await _search(request, principal, Level.INSTANCE)
 
 
 @router.get("/studies/{study}/series")
-async def search_study_series(request: Request, study: str) -> JSONResponse:
+async def search_study_series(request: Request, principal: Viewer, study: str) -> JSONResponse:
     """Search for series of a study."""
-    return await _search(request, Level.SERIES, study)
+    return await _search(request, principal, Level.SERIES, study)
 
 
 @router.get("/studies/{study}/instances")
-async def search_study_instances(request: Request, study: str) -> JSONResponse:
+async def search_study_instances(request: Request, principal: Viewer, study: str) -> JSONResponse:
     """Search for instances of a study."""
-    return await _search(request, Level.INSTANCE, study)
+    return await _search(request, principal, Level.INSTANCE, study)
 
 
 @router.get("/studies/{study}/series/{series}/instances")
-async def search_series_instances(request: Request, study: str, series: str) -> JSONResponse:
+async def search_series_instances(
+    request: Request, principal: Viewer, study: str, series: str
+) -> JSONResponse:
     """Search for instances of a series."""
-    return await _search(request, Level.INSTANCE, study, series)
+    return await _search(request, principal, Level.INSTANCE, study, series)

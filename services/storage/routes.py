@@ -8,7 +8,10 @@ from fastapi.responses import StreamingResponse
 from pacslib.dicom_media import APPLICATION_DICOM, APPLICATION_DICOM_JSON
 from pacslib.errors import NotAcceptableError
 from pacslib.negotiation import parse_accept
+from pacslib.tokens import Principal
+from services.storage.access_deps import Viewer, ensure_visible
 from services.storage.context import StorageContext
+from services.storage.ports import InstanceRecord
 from services.storage.wado import (
     accepts_dicom_json,
     find_instances,
@@ -29,12 +32,23 @@ def _ctx(request: Request) -> StorageContext:
     return ctx
 
 
+async def visible_instances(
+    request: Request, principal: Principal, study: str, series: str | None, sop: str | None
+) -> list[InstanceRecord]:
+    """The instances addressed, if ``principal`` may see them; 404 alike when missing or not theirs."""
+    records = await find_instances(_ctx(request), study, series, sop)
+    await ensure_visible(
+        request, principal, study, records, "instance" if sop else "series" if series else "study"
+    )
+    return records
+
+
 async def _retrieve(
-    request: Request, study: str, series: str | None = None, sop: str | None = None
+    request: Request, principal: Principal, study: str, series: str | None = None, sop: str | None = None
 ) -> StreamingResponse:
     accept = parse_accept(request.headers.get("accept"))
     ctx = _ctx(request)
-    plan = plan_retrieve(await find_instances(ctx, study, series, sop), accept)
+    plan = plan_retrieve(await visible_instances(request, principal, study, series, sop), accept)
     boundary = new_boundary()
     headers = dict(NO_STORE)
     status = 200
@@ -52,48 +66,52 @@ async def _retrieve(
 
 
 async def _metadata(
-    request: Request, study: str, series: str | None = None, sop: str | None = None
+    request: Request, principal: Principal, study: str, series: str | None = None, sop: str | None = None
 ) -> StreamingResponse:
     if not accepts_dicom_json(parse_accept(request.headers.get("accept"))):
         raise NotAcceptableError("metadata is available as application/dicom+json only")
     ctx = _ctx(request)
-    records = await find_instances(ctx, study, series, sop)
+    records = await visible_instances(request, principal, study, series, sop)
     return StreamingResponse(
         await prefetched(metadata_array(ctx, records)), media_type=APPLICATION_DICOM_JSON, headers=NO_STORE
     )
 
 
 @router.get("/studies/{study}")
-async def retrieve_study(request: Request, study: str) -> StreamingResponse:
+async def retrieve_study(request: Request, principal: Viewer, study: str) -> StreamingResponse:
     """Retrieve all instances of a study."""
-    return await _retrieve(request, study)
+    return await _retrieve(request, principal, study)
 
 
 @router.get("/studies/{study}/series/{series}")
-async def retrieve_series(request: Request, study: str, series: str) -> StreamingResponse:
+async def retrieve_series(request: Request, principal: Viewer, study: str, series: str) -> StreamingResponse:
     """Retrieve all instances of a series."""
-    return await _retrieve(request, study, series)
+    return await _retrieve(request, principal, study, series)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}")
-async def retrieve_instance(request: Request, study: str, series: str, sop: str) -> StreamingResponse:
+async def retrieve_instance(
+    request: Request, principal: Viewer, study: str, series: str, sop: str
+) -> StreamingResponse:
     """Retrieve one instance."""
-    return await _retrieve(request, study, series, sop)
+    return await _retrieve(request, principal, study, series, sop)
 
 
 @router.get("/studies/{study}/metadata")
-async def study_metadata(request: Request, study: str) -> StreamingResponse:
+async def study_metadata(request: Request, principal: Viewer, study: str) -> StreamingResponse:
     """Metadata of every instance of a study."""
-    return await _metadata(request, study)
+    return await _metadata(request, principal, study)
 
 
 @router.get("/studies/{study}/series/{series}/metadata")
-async def series_metadata(request: Request, study: str, series: str) -> StreamingResponse:
+async def series_metadata(request: Request, principal: Viewer, study: str, series: str) -> StreamingResponse:
     """Metadata of every instance of a series."""
-    return await _metadata(request, study, series)
+    return await _metadata(request, principal, study, series)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/metadata")
-async def instance_metadata_route(request: Request, study: str, series: str, sop: str) -> StreamingResponse:
+async def instance_metadata_route(
+    request: Request, principal: Viewer, study: str, series: str, sop: str
+) -> StreamingResponse:
     """Metadata of one instance."""
-    return await _metadata(request, study, series, sop)
+    return await _metadata(request, principal, study, series, sop)

@@ -41,6 +41,13 @@ class StorageSettings(ServiceSettings):
         3600, ge=60, description="Age after which an object that never got an index record is removed."
     )
     sweep_interval_seconds: int = Field(300, ge=5, description="How often the sweeper runs.")
+    access_cache_seconds: float = Field(
+        30.0,
+        ge=1.0,
+        le=300.0,
+        description="How long a user's grants (shares, break-glass) from auth are cached; a revoked grant "
+        "stops working within this time.",
+    )
 
     def resolved_fs_root(self) -> Path:
         return self.fs_root or self.state_dir / "objects"

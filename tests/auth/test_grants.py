@@ -20,9 +20,7 @@ async def service_headers(h: Harness) -> dict[str, str]:
 
 
 async def test_shares_break_glass_and_the_access_api(tmp_path: Any) -> None:
-    settings = make_settings(
-        tmp_path / "s", service_clients={"storage": SECRET}, service_token="interim-shared-token"
-    )
+    settings = make_settings(tmp_path / "s", service_clients={"storage": SECRET})
     async with start_harness(settings) as h:
         org_a, org_b = await h.org("Hospital A"), await h.org("Hospital B")
         rad_a = await h.user(org_a, "rad-a", ["radiologist"])
@@ -62,8 +60,10 @@ async def test_shares_break_glass_and_the_access_api(tmp_path: Any) -> None:
             headers=svc,
         )
         assert check.json() == {"allowed": False, "via": None}
-        # The interim shared service token is accepted too (until every service has its identity).
-        assert (await access(ref_b.id, {"Authorization": "Bearer interim-shared-token"}))["org"] == org_b
+        # A user's token is refused on the internal API, and so is no token at all.
+        r = await h.client.get(f"/auth/internal/access/{ref_b.id}", headers=rad_auth)
+        assert r.status_code == 403
+        assert (await h.client.get(f"/auth/internal/access/{ref_b.id}")).status_code == 401
 
         # Clinicians cannot share every study of the organization; administrators can.
         r = await h.client.post("/auth/grants", headers=rad_auth, json={"grantee_org": org_b})

@@ -49,6 +49,7 @@ def record(
     study_uid: str = STUDY,
     sha256: str = "a" * 64,
     frames: list[list[tuple[int, int]]] | None = None,
+    owner_org: str | None = "org-a",
 ) -> InstanceRecord:
     return InstanceRecord(
         study_uid=study_uid,
@@ -62,6 +63,7 @@ def record(
         metadata=b"\x00sealed metadata\xff" + os.urandom(16),
         frames=frames,
         stored_at=1_700_000_000.25,
+        owner_org=owner_org,
     )
 
 
@@ -199,6 +201,29 @@ async def test_put_instance_conflict(metadata_store: MetadataStore) -> None:
     assert result.existing == first
     assert await metadata_store.get_instance(STUDY, SERIES_A, "1.2.3") == first
     assert await metadata_store.outbox_batch(10) == events_before
+
+
+async def test_put_instance_into_another_organizations_study_is_refused(
+    metadata_store: MetadataStore,
+) -> None:
+    first = record("1.2.3", await pending(metadata_store))
+    await metadata_store.put_instance(first, events_for("1.2.3"))
+    events_before = await metadata_store.outbox_batch(10)
+
+    # A new instance for the same study, and the very same instance, from another organization.
+    for sop_uid in ("1.2.4", "1.2.3"):
+        intruder = record(sop_uid, await pending(metadata_store), series_uid=SERIES_B, owner_org="org-b")
+        result = await metadata_store.put_instance(intruder, events_for(sop_uid))
+        assert result.outcome is PutOutcome.FOREIGN
+        assert result.existing is None  # nothing of the other organization's instance is returned
+
+    assert await metadata_store.list_instances(STUDY) == [first]
+    assert await metadata_store.outbox_batch(10) == events_before
+    # The owner may still add to its study.
+    more = await metadata_store.put_instance(
+        record("1.2.5", await pending(metadata_store)), events_for("1.2.5")
+    )
+    assert more.outcome is PutOutcome.STORED
 
 
 async def test_put_instance_of_an_unknown_object_writes_nothing(metadata_store: MetadataStore) -> None:
@@ -408,7 +433,7 @@ async def put_searchable(
     study_uid: str = STUDY,
     series_uid: str = SERIES_A,
     sop_class_uid: str = CT_CLASS,
-    owner_org: str | None = None,
+    owner_org: str | None = "org-a",
 ) -> InstanceRecord:
     new = replace(
         record(sop_uid, await pending(store), series_uid=series_uid, study_uid=study_uid),
@@ -506,9 +531,8 @@ async def test_later_instances_add_only_aggregate_tokens_to_their_study(
 
 async def test_series_and_instances_inherit_the_study_owner(metadata_store: MetadataStore) -> None:
     await put_searchable(metadata_store, "1.1", entry({10}, owner=500), owner_org="org-a")
-    await put_searchable(
-        metadata_store, "1.2", entry({10}, owner=600), series_uid=SERIES_B, owner_org="org-b"
-    )
+    # A later instance's own owner token is ignored: rows inherit the study's.
+    await put_searchable(metadata_store, "1.2", entry({10}, owner=600), series_uid=SERIES_B)
     await put_searchable(metadata_store, "2.1", entry({10}), study_uid="9.1", series_uid="9.1.1")
 
     for level, rows in [(Level.STUDY, 1), (Level.SERIES, 2), (Level.INSTANCE, 2)]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import base64
+import json
 from pathlib import Path
 from typing import Any
 
@@ -237,8 +239,39 @@ def test_storage_runs_in_cluster_mode_with_a_read_only_keyring(value_set: tuple[
     assert [item["path"] for item in volume["secret"]["items"]] == [Path(keyring_path).name]
     for variable in ("PACS_STORAGE_S3_ACCESS_KEY", "PACS_STORAGE_S3_SECRET_KEY", "PACS_STORAGE_MONGODB_URI"):
         assert isinstance(env[variable], SecretRef), f"{variable} must come from a Secret"
+
+
+def test_every_service_has_its_own_identity_at_auth(value_set: tuple[str, list[Manifest]]) -> None:
+    name, docs = value_set
+    auth = pod_env(docs, "auth")
+    clients_ref = auth["PACS_AUTH_SERVICE_CLIENTS"]
+    assert isinstance(clients_ref, SecretRef)
+    assert clients_ref.key == "clients.json"
+    secret = clients_ref.name
+    assert secret.endswith("service-identities")
+    public = VALUE_SETS[name]["publicUrl"].rstrip("/")
+    auth_services = [
+        d["metadata"]["name"] for d in find(docs, "Service") if d["metadata"]["name"].endswith("-auth")
+    ]
     for service in SERVICES:
-        assert isinstance(pod_env(docs, service)[f"PACS_{service.upper()}_SERVICE_TOKEN"], SecretRef)
+        if service == "auth":
+            continue
+        env = pod_env(docs, service)
+        p = f"PACS_{service.upper()}_"
+        assert env[p + "AUTH_CLIENT_ID"] == service
+        # Each service reads only its own client secret.
+        assert env[p + "AUTH_CLIENT_SECRET"] == SecretRef(secret, service)
+        assert env[p + "AUTH_URL"] == f"http://{auth_services[0]}:8043"
+        assert env[p + "AUTH_ISSUER"] == public
+    assert auth["PACS_AUTH_ISSUER"] == public
+    if not VALUE_SETS[name].get("serviceIdentities", {}).get("existingSecret"):
+        generated = [d for d in find(docs, "Secret") if d["metadata"]["name"] == secret]
+        assert len(generated) == 1
+        data = {k: base64.b64decode(v).decode() for k, v in generated[0]["data"].items()}
+        clients = json.loads(data.pop("clients.json"))
+        assert clients == data
+        assert sorted(clients) == ["audit", "ingest", "render", "storage"]
+        assert all(len(v) >= 48 for v in clients.values())
 
 
 def test_configmaps_hold_no_secret() -> None:
@@ -268,9 +301,9 @@ def test_existing_secrets_are_referenced_and_not_created() -> None:
     assert env["PACS_STORAGE_MONGODB_URI"] == SecretRef(
         "pacs-mongodb-admin-cloudpacs", "connectionString.standard"
     )
-    assert env["PACS_STORAGE_SERVICE_TOKEN"] == SecretRef("cloudpacs-service-token", "token")
+    assert env["PACS_STORAGE_AUTH_CLIENT_SECRET"] == SecretRef("cloudpacs-service-identities", "storage")
     auth = pod_env(docs, "auth")
-    assert auth["PACS_AUTH_SERVICE_CLIENTS"] == SecretRef("cloudpacs-service-clients", "clients.json")
+    assert auth["PACS_AUTH_SERVICE_CLIENTS"] == SecretRef("cloudpacs-service-identities", "clients.json")
     assert auth["PACS_AUTH_MONGODB_URI"] == env["PACS_STORAGE_MONGODB_URI"]
     _, volume = mounted_secret(docs, "storage", "/etc/cloudpacs/keyring")
     assert volume["secret"]["secretName"] == "cloudpacs-storage-keyring"

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from pacslib.keyring import Keyring
+from scripts.identities import bootstrap_admin, create_org, create_user
 from tests.conftest import S3Endpoint
 from tests.deploy.chart import (
     COMPONENTS,
@@ -269,6 +270,17 @@ class Pod:
     log: Path | None = None
 
 
+@dataclass(frozen=True)
+class ChartSystem:
+    """The pods as one system, for the account helpers: the gateway's URL and auth's environment."""
+
+    base_url: str
+    auth_env: dict[str, str]
+
+    def environment(self) -> dict[str, str]:
+        return {**clean_env(), **self.auth_env}
+
+
 def pod_environment(
     docs: list[Manifest], component: str, ports: dict[str, int], root: Path
 ) -> dict[str, str]:
@@ -411,15 +423,30 @@ def test_every_component_serves_from_the_installed_package_with_the_chart_enviro
     storage_checks = httpx.get(f"http://127.0.0.1:{pods['storage'].port}/readyz").json()["checks"]
     assert storage_checks == {"object_store": "ok", "metadata_db": "ok", "event_bus": "ok"}
 
-    # A study stored and read back through the gateway: routing, service token, S3, MongoDB, keyring.
+    # A study stored and read back through the gateway by a radiologist signed in with password + TOTP:
+    # routing, the chart's service identities and auth wiring, S3, MongoDB, keyrings.
     gateway = f"http://127.0.0.1:{pods['gateway'].port}"
+    system = ChartSystem(gateway, pods["auth"].env)
+    operator = bootstrap_admin(system)
+    clinician = create_user(
+        system, operator, create_org(system, operator, "Hospital"), "rad", ["radiologist"]
+    )
     study, series, sop = new_uid(), new_uid(), new_uid()
     body, content_type = encode([ct_instance(study, series, 1, sop_uid=sop)])
-    stored = httpx.post(
+    anonymous = httpx.post(
         f"{gateway}/dicom-web/studies", content=body, headers={"Content-Type": content_type}, timeout=30
     )
+    assert anonymous.status_code == 401
+    stored = httpx.post(
+        f"{gateway}/dicom-web/studies",
+        content=body,
+        headers={"Content-Type": content_type, **clinician.headers},
+        timeout=30,
+    )
     assert stored.status_code == 200, stored.text
-    metadata = httpx.get(f"{gateway}/dicom-web/studies/{study}/metadata", timeout=30)
+    metadata = httpx.get(
+        f"{gateway}/dicom-web/studies/{study}/metadata", headers=clinician.headers, timeout=30
+    )
     assert metadata.status_code == 200, metadata.text
     assert [item["00080018"]["Value"][0] for item in metadata.json()] == [sop]
 

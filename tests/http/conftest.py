@@ -9,13 +9,24 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from embedded.launcher import EmbeddedSystem, find_free_base_port
+from scripts.identities import Account, bootstrap_admin, create_org, create_user
 from tests.conftest import S3Endpoint
+from tests.http import api
+
+# Tokens outlive the test session; argon2 is cheaper than in production (tests only, never defaults).
+TEST_ENV = {
+    "PACS_AUTH_ACCESS_TOKEN_SECONDS": "3600",
+    "PACS_AUTH_ARGON2_TIME_COST": "1",
+    "PACS_AUTH_ARGON2_MEMORY_KIB": "8192",
+    "PACS_AUTH_ARGON2_PARALLELISM": "1",
+    "PACS_STORAGE_ACCESS_CACHE_SECONDS": "3",
+}
 
 
 @dataclass
@@ -26,6 +37,22 @@ class Deployment:
     bucket: str | None = None
     mongo_uri: str | None = None
     database: str | None = None
+    accounts: dict[str, Account] = field(default_factory=dict)
+
+
+def make_accounts(system: EmbeddedSystem) -> dict[str, Account]:
+    """Two hospitals, each with a radiologist; hospital A also has an auditor and an administrator."""
+    operator = bootstrap_admin(system)
+    org_a = create_org(system, operator, "Hospital A")
+    org_b = create_org(system, operator, "Hospital B")
+    return {
+        "operator": operator,
+        "clinician_a": create_user(system, operator, org_a, "rad-a", ["radiologist"]),
+        "clinician_b": create_user(system, operator, org_b, "rad-b", ["radiologist"]),
+        "referrer_a": create_user(system, operator, org_a, "ref-a", ["referring_physician"]),
+        "auditor_a": create_user(system, operator, org_a, "aud-a", ["auditor"]),
+        "admin_a": create_user(system, operator, org_a, "adm-a", ["admin"]),
+    }
 
 
 @pytest.fixture(scope="session", params=["embedded", "cluster"])
@@ -34,13 +61,16 @@ def deployment(
 ) -> Iterator[Deployment]:
     state: Path = tmp_path_factory.mktemp(request.param)
     if request.param == "embedded":
-        dep = Deployment("embedded", EmbeddedSystem(state_dir=state, port=find_free_base_port()))
+        dep = Deployment(
+            "embedded", EmbeddedSystem(state_dir=state, port=find_free_base_port(), extra_env=dict(TEST_ENV))
+        )
     else:
         s3: S3Endpoint = request.getfixturevalue("s3_endpoint")
         mongo_uri: str = request.getfixturevalue("mongo_uri")
         bucket = f"pacs-{uuid.uuid4().hex[:16]}"
         database = f"pacs_{uuid.uuid4().hex[:16]}"
         env = {
+            **TEST_ENV,
             "PACS_STORAGE_OBJECT_STORE": "s3",
             "PACS_STORAGE_S3_ENDPOINT": s3.endpoint,
             "PACS_STORAGE_S3_ACCESS_KEY": s3.access_key,
@@ -56,11 +86,27 @@ def deployment(
         dep = Deployment("cluster", system, s3, bucket, mongo_uri, database)
     dep.system.start()
     try:
+        dep.accounts = make_accounts(dep.system)
+        # Calls made through tests.http.api carry hospital A's radiologist token by default.
+        api.DEFAULT_HEADERS.clear()
+        api.DEFAULT_HEADERS.update(dep.accounts["clinician_a"].headers)
         yield dep
     finally:
+        api.DEFAULT_HEADERS.clear()
         dep.system.stop()
 
 
 @pytest.fixture(scope="session")
 def system(deployment: Deployment) -> EmbeddedSystem:
     return deployment.system
+
+
+@pytest.fixture(scope="session")
+def clinician(deployment: Deployment) -> Account:
+    """A radiologist of hospital A: may store and view hospital A's studies."""
+    return deployment.accounts["clinician_a"]
+
+
+@pytest.fixture(scope="session")
+def auth_headers(clinician: Account) -> dict[str, str]:
+    return clinician.headers

@@ -27,6 +27,7 @@ from services.storage.ports import InstanceRecord
 from services.storage.settings import StorageSettings
 from tests import multipart_util
 from tests.dicom_factory import PATIENT_ID, PATIENT_NAME, ct_instance, new_uid
+from tests.http import api
 from tests.http.conftest import Deployment
 
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -42,7 +43,7 @@ def _needles() -> list[bytes]:
 
 def _stow(system: EmbeddedSystem, blobs: list[bytes]) -> None:
     body, content_type = multipart_util.encode(blobs)
-    r = httpx.post(
+    r = api.post(
         f"{system.dicomweb_url}/studies", content=body, headers={"Content-Type": content_type}, timeout=60
     )
     assert r.status_code == 200, r.text
@@ -55,7 +56,7 @@ def _uids(blob: bytes) -> tuple[str, str, str]:
 
 def _get(system: EmbeddedSystem, blob: bytes) -> httpx.Response:
     study, series, sop = _uids(blob)
-    return httpx.get(
+    return api.get(
         f"{system.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}",
         headers={"Accept": AS_STORED},
         timeout=60,
@@ -144,7 +145,7 @@ def test_no_phi_in_clear_in_any_stored_byte(
     blobs = [ct_instance(study, new_uid(), n, rows=64, columns=64) for n in range(1, 4)]
     _stow(system, blobs)
     # The data really is there, and readable through the API.
-    meta = httpx.get(f"{system.dicomweb_url}/studies/{study}/metadata", timeout=30).json()
+    meta = api.get(f"{system.dicomweb_url}/studies/{study}/metadata", timeout=30).json()
     assert meta[0]["00100010"]["Value"][0]["Alphabetic"] == PATIENT_NAME
     assert meta[0]["00100020"]["Value"] == [PATIENT_ID]
     time.sleep(1.5)  # let the outbox relay publish to the event log

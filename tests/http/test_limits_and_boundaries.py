@@ -1,4 +1,4 @@
-"""Limits (too large, too slow), the service-token boundary, the gateway, events and ``make run``."""
+"""Limits (too large, too slow), the service-identity boundary, the gateway, events and ``make run``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -20,19 +21,29 @@ import pytest
 from embedded.launcher import PORT_OFFSETS, EmbeddedSystem, find_free_base_port
 from pacslib.eventbus import SqliteEventBus
 from pacslib.events import INSTANCE_STORED, TOPIC_INSTANCES, Event
+from scripts.identities import Account, bootstrap_admin, create_org, create_user
 from tests import multipart_util
 from tests.dicom_factory import ct_instance, new_uid
+from tests.http import api
+from tests.http.conftest import TEST_ENV, Deployment
 
 ROOT = Path(__file__).parents[2]
 
 
+@dataclass(frozen=True)
+class Limited:
+    system: EmbeddedSystem
+    clinician: Account
+
+
 @pytest.fixture(scope="module")
-def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedSystem]:
-    """A system with a 1 MiB instance limit and a 1 s body stall limit."""
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Limited]:
+    """A system with a 1 MiB instance limit and a 1 s body stall limit, and a clinician to call it."""
     system = EmbeddedSystem(
         state_dir=tmp_path_factory.mktemp("limited"),
         port=find_free_base_port(),
         extra_env={
+            **TEST_ENV,
             "PACS_INGEST_MAX_INSTANCE_BYTES": str(1 << 20),
             "PACS_INGEST_BODY_IDLE_TIMEOUT": "1",
             "PACS_GATEWAY_BODY_IDLE_TIMEOUT": "1",
@@ -40,17 +51,22 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedSystem
     )
     system.start()
     try:
-        yield system
+        operator = bootstrap_admin(system)
+        org = create_org(system, operator, "Hospital L")
+        yield Limited(system, create_user(system, operator, org, "rad-l", ["radiologist"]))
     finally:
         system.stop()
 
 
-def test_instance_over_the_limit_fails_with_a700_and_others_still_store(limited: EmbeddedSystem) -> None:
+def test_instance_over_the_limit_fails_with_a700_and_others_still_store(limited: Limited) -> None:
     small = ct_instance(new_uid(), new_uid(), 1)
     big = ct_instance(new_uid(), new_uid(), 2, rows=512, columns=512, frames=3)  # 1.5 MiB
     body, content_type = multipart_util.encode([big, small])
-    r = httpx.post(
-        f"{limited.dicomweb_url}/studies", content=body, headers={"Content-Type": content_type}, timeout=60
+    r = api.post(
+        f"{limited.system.dicomweb_url}/studies",
+        content=body,
+        headers={"Content-Type": content_type, **limited.clinician.headers},
+        timeout=60,
     )
     assert r.status_code == 202, r.text
     failed = r.json()["00081198"]["Value"]
@@ -59,14 +75,15 @@ def test_instance_over_the_limit_fails_with_a700_and_others_still_store(limited:
 
 
 @pytest.mark.parametrize("target", ["gateway", "ingest"])
-def test_stalled_body_is_refused_with_408(limited: EmbeddedSystem, target: str) -> None:
+def test_stalled_body_is_refused_with_408(limited: Limited, target: str) -> None:
+    system = limited.system
     blob = ct_instance(new_uid(), new_uid(), 1)
-    port = limited.port + (0 if target == "gateway" else PORT_OFFSETS["ingest"])
+    port = system.port + (0 if target == "gateway" else PORT_OFFSETS["ingest"])
     head = (
-        f"POST /dicom-web/studies HTTP/1.1\r\nHost: {limited.host}\r\nContent-Type: application/dicom\r\n"
-        f"Content-Length: {len(blob)}\r\n\r\n"
+        f"POST /dicom-web/studies HTTP/1.1\r\nHost: {system.host}\r\nContent-Type: application/dicom\r\n"
+        f"Authorization: Bearer {limited.clinician.token}\r\nContent-Length: {len(blob)}\r\n\r\n"
     ).encode()
-    with socket.create_connection((limited.host, port), timeout=20) as sock:
+    with socket.create_connection((system.host, port), timeout=20) as sock:
         sock.sendall(head + blob[:200])  # then stall
         received = b""
         while chunk := sock.recv(65536):
@@ -78,14 +95,27 @@ def test_stalled_body_is_refused_with_408(limited: EmbeddedSystem, target: str) 
     assert "stalled" in response
 
 
-def test_internal_api_needs_the_service_token(system: EmbeddedSystem) -> None:
-    storage = system.service_url("storage")
+def test_internal_api_needs_the_ingest_service_identity(deployment: Deployment) -> None:
+    storage = deployment.system.service_url("storage")
     for headers in ({}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "Basic abc"}):
         r = httpx.post(f"{storage}/internal/objects", content=b"data", headers=headers)
         assert r.status_code == 401, headers
         assert r.json()["error"]
     r = httpx.post(f"{storage}/internal/instances", json={}, headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401
+    # A user's token, even an administrator's, is refused on the internal API.
+    for caller in ("clinician_a", "operator"):
+        user = deployment.accounts[caller].headers
+        assert httpx.post(f"{storage}/internal/objects", content=b"x", headers=user).status_code == 403
+    # So is another service's identity: only ingest writes.
+    token = httpx.post(
+        f"{deployment.system.service_url('auth')}/oauth2/token",
+        data={"grant_type": "client_credentials"},
+        auth=("render", deployment.system.service_secrets["render"]),
+    ).json()["access_token"]
+    r = httpx.post(f"{storage}/internal/objects", content=b"x", headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 403
+    assert "may not write" in r.json()["error"]
 
 
 def test_gateway_does_not_expose_internal_paths(system: EmbeddedSystem) -> None:
@@ -94,15 +124,15 @@ def test_gateway_does_not_expose_internal_paths(system: EmbeddedSystem) -> None:
         ("GET", "/internal/instances"),
         ("PUT", "/dicom-web/studies"),
     ):
-        r = httpx.request(method, system.base_url + path)
+        r = api.request(method, system.base_url + path)
         assert r.status_code == 404, path
         assert "no service" in r.json()["error"]
 
 
 def test_every_service_is_live_and_ready(system: EmbeddedSystem) -> None:
     for name in ("auth", "ingest", "storage", "render", "audit"):
-        assert httpx.get(system.service_url(name) + "/healthz").json() == {"status": "ok"}
-        ready = httpx.get(system.service_url(name) + "/readyz")
+        assert api.get(system.service_url(name) + "/healthz").json() == {"status": "ok"}
+        ready = api.get(system.service_url(name) + "/readyz")
         assert ready.status_code == 200, name
         assert ready.json()["status"] == "ready"
 
@@ -111,7 +141,7 @@ def test_instance_stored_event_is_published_with_the_envelope(system: EmbeddedSy
     blob = ct_instance(new_uid(), new_uid(), 1)
     sop = str(pydicom.dcmread(io.BytesIO(blob)).SOPInstanceUID)
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    r = httpx.post(
+    r = api.post(
         f"{system.dicomweb_url}/studies",
         content=blob,
         headers={"Content-Type": "application/dicom", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
@@ -165,9 +195,11 @@ def test_make_run_command_prints_the_base_url_and_stops_cleanly(tmp_path: Path) 
                 break
         expected = f"http://127.0.0.1:{port}/dicom-web"
         assert expected in line
+        # Secure by default: nothing is stored without a token.
         blob = ct_instance(new_uid(), new_uid(), 1)
         r = httpx.post(f"{expected}/studies", content=blob, headers={"Content-Type": "application/dicom"})
-        assert r.status_code == 200
+        assert r.status_code == 401
+        assert r.headers["www-authenticate"].startswith("Bearer")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         assert (tmp_path / "state" / "keyring.json").stat().st_mode & 0o077 == 0

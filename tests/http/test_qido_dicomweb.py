@@ -12,7 +12,6 @@ import string
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pydicom
 import pytest
 from bson import BSON
@@ -22,13 +21,14 @@ from pymongo.database import Database
 
 from embedded.launcher import EmbeddedSystem
 from tests.dicom_factory import ct_instance, new_uid
+from tests.http import api
 from tests.http.conftest import Deployment
 
 JSON = "application/dicom+json"
 
 
 def _client(system: EmbeddedSystem) -> DICOMwebClient:
-    return DICOMwebClient(url=system.dicomweb_url)
+    return DICOMwebClient(url=system.dicomweb_url, headers=dict(api.DEFAULT_HEADERS))
 
 
 def _value(doc: dict[str, Any], tag: str) -> Any:
@@ -160,7 +160,7 @@ def test_ohif_request_shapes(system: EmbeddedSystem, corpus: dict[str, Any]) -> 
         f"{system.dicomweb_url}/studies?limit=101&offset=0&fuzzymatching=false"
         f"&includefield=00081030%2C00080060&PatientName=%2A{family}%2A"
     )
-    response = httpx.get(url, headers={"Accept": JSON}, timeout=30)
+    response = api.get(url, headers={"Accept": JSON}, timeout=30)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith(JSON)
     assert response.headers["cache-control"] == "no-store"
@@ -169,14 +169,14 @@ def test_ohif_request_shapes(system: EmbeddedSystem, corpus: dict[str, Any]) -> 
     assert _value(docs[0], "00081030") == "STUDY 0"
     assert _value(docs[0], "00081190") == f"{system.dicomweb_url}/studies/{corpus['studies'][0]['uid']}"
     first = corpus["studies"][0]
-    series = httpx.get(
+    series = api.get(
         f"{system.dicomweb_url}/studies/{first['uid']}/series?includefield=0008103E,00080021",
         headers={"Accept": "application/dicom+json, application/json, */*"},
         timeout=30,
     )
     assert series.status_code == 200, series.text
     assert [_value(s, "0008103E") for s in series.json()] == [None, "T2 AX"]
-    encoded = httpx.get(
+    encoded = api.get(
         f"{system.dicomweb_url}/studies?PatientName={family}%5EBORIS&includefield=all",
         headers={"Accept": JSON},
         timeout=30,
@@ -199,23 +199,23 @@ def test_ohif_request_shapes(system: EmbeddedSystem, corpus: dict[str, Any]) -> 
 def test_bad_queries_say_what_is_wrong(
     system: EmbeddedSystem, query: str, status: int, fragment: str
 ) -> None:
-    response = httpx.get(f"{system.dicomweb_url}/studies?{query}", headers={"Accept": JSON}, timeout=30)
+    response = api.get(f"{system.dicomweb_url}/studies?{query}", headers={"Accept": JSON}, timeout=30)
     assert response.status_code == status
     assert fragment in response.json()["error"]
 
 
 def test_negotiation_and_empty_results(system: EmbeddedSystem) -> None:
     base = system.dicomweb_url
-    xml = httpx.get(
+    xml = api.get(
         f"{base}/studies", headers={"Accept": "multipart/related; type=application/dicom+xml"}, timeout=30
     )
     assert xml.status_code == 406
-    nothing = httpx.get(f"{base}/studies?PatientID=NO-SUCH-PATIENT-{new_uid()}", timeout=30)
+    nothing = api.get(f"{base}/studies?PatientID=NO-SUCH-PATIENT-{new_uid()}", timeout=30)
     assert nothing.status_code == 200
     assert nothing.json() == []
     assert nothing.headers["cache-control"] == "no-store"
-    assert httpx.get(f"{base}/studies/not-a-uid/series", timeout=30).status_code == 400
-    assert httpx.get(f"{base}/studies/{new_uid()}/series/{new_uid()}/instances", timeout=30).json() == []
+    assert api.get(f"{base}/studies/not-a-uid/series", timeout=30).status_code == 400
+    assert api.get(f"{base}/studies/{new_uid()}/series/{new_uid()}/instances", timeout=30).json() == []
 
 
 def test_no_phi_in_clear_after_indexing(deployment: Deployment) -> None:

@@ -14,6 +14,7 @@ from pydicom.data import get_testdata_file
 from embedded.launcher import EmbeddedSystem
 from tests import multipart_util
 from tests.dicom_factory import ct_instance, new_uid
+from tests.http import api
 
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -21,7 +22,7 @@ AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 def _stow(system: EmbeddedSystem, parts: list[bytes], study: str | None = None, **kw: Any) -> httpx.Response:
     body, content_type = multipart_util.encode(parts)
     url = f"{system.dicomweb_url}/studies" + (f"/{study}" if study else "")
-    return httpx.post(url, content=body, headers={"Content-Type": content_type, **kw}, timeout=60)
+    return api.post(url, content=body, headers={"Content-Type": content_type, **kw}, timeout=60)
 
 
 def _failed(doc: dict[str, Any]) -> list[tuple[str | None, int]]:
@@ -40,7 +41,7 @@ def _uids(blob: bytes) -> tuple[str, str, str]:
 
 def _get_instance(system: EmbeddedSystem, blob: bytes, accept: str = AS_STORED) -> httpx.Response:
     study, series, sop = _uids(blob)
-    return httpx.get(
+    return api.get(
         f"{system.dicomweb_url}/studies/{study}/series/{series}/instances/{sop}",
         headers={"Accept": accept},
         timeout=60,
@@ -76,7 +77,7 @@ def test_stored_bytes_come_back_identical(system: EmbeddedSystem, name: str) -> 
 
 def test_single_application_dicom_body(system: EmbeddedSystem) -> None:
     blob = ct_instance(new_uid(), new_uid(), 1)
-    response = httpx.post(
+    response = api.post(
         f"{system.dicomweb_url}/studies",
         content=blob,
         headers={"Content-Type": "application/dicom"},
@@ -94,7 +95,7 @@ def test_response_has_retrieve_urls(system: EmbeddedSystem) -> None:
     item = doc["00081199"]["Value"][0]
     url = item["00081190"]["Value"][0]
     assert url == f"{system.dicomweb_url}/studies/{study}/series/{series}/instances/{_uids(blob)[2]}"
-    assert httpx.get(url, headers={"Accept": AS_STORED}).status_code == 200
+    assert api.get(url, headers={"Accept": AS_STORED}).status_code == 200
 
 
 def test_mixed_good_and_bad_parts_store_the_good_ones(system: EmbeddedSystem) -> None:
@@ -151,7 +152,7 @@ def test_unsupported_media_type_is_415(system: EmbeddedSystem) -> None:
         'multipart/related; type="application/dicom+json"; boundary=x',
         "",
     ):
-        response = httpx.post(
+        response = api.post(
             f"{system.dicomweb_url}/studies", content=b"{}", headers={"Content-Type": content_type}
         )
         assert response.status_code == 415, content_type
@@ -163,7 +164,7 @@ def test_unsupported_media_type_is_415(system: EmbeddedSystem) -> None:
     [b"no boundary anywhere" * 100, b"--b0undary\r\nContent-Type: application/dicom\r\n\r\nabc"],
 )
 def test_malformed_multipart_is_400(system: EmbeddedSystem, body: bytes) -> None:
-    response = httpx.post(
+    response = api.post(
         f"{system.dicomweb_url}/studies",
         content=body,
         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=b0undary'},
@@ -174,10 +175,10 @@ def test_malformed_multipart_is_400(system: EmbeddedSystem, body: bytes) -> None
 
 def test_missing_boundary_and_empty_body_are_400(system: EmbeddedSystem) -> None:
     url = f"{system.dicomweb_url}/studies"
-    r = httpx.post(url, content=b"", headers={"Content-Type": 'multipart/related; type="application/dicom"'})
+    r = api.post(url, content=b"", headers={"Content-Type": 'multipart/related; type="application/dicom"'})
     assert r.status_code == 400
     body, ct = multipart_util.encode([])
-    r = httpx.post(url, content=body, headers={"Content-Type": ct})
+    r = api.post(url, content=body, headers={"Content-Type": ct})
     assert r.status_code == 400
     assert "no DICOM instance" in r.json()["error"]
 

@@ -12,6 +12,7 @@ from pydicom.data import get_testdata_file
 
 from embedded.launcher import EmbeddedSystem
 from tests.dicom_factory import ct_instance, new_uid
+from tests.http import api
 
 # pydicom's bundled files (inside the wheel, so available offline) across transfer syntaxes.
 BUNDLED = [
@@ -33,7 +34,7 @@ AS_STORED = (("application/dicom", "*"),)
 
 
 def _client(system: EmbeddedSystem) -> DICOMwebClient:
-    return DICOMwebClient(url=system.dicomweb_url)
+    return DICOMwebClient(url=system.dicomweb_url, headers=dict(api.DEFAULT_HEADERS))
 
 
 def _bundled_bytes(name: str) -> bytes:

@@ -6,7 +6,6 @@ import hashlib
 import io
 from pathlib import Path
 
-import httpx
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
@@ -14,6 +13,7 @@ from pydicom.data import get_testdata_file
 from embedded.launcher import EmbeddedSystem
 from tests import multipart_util
 from tests.dicom_factory import ct_instance, new_uid
+from tests.http import api
 
 AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
@@ -32,7 +32,7 @@ def stored(system: EmbeddedSystem) -> dict[str, str | bytes]:
     ds.save_as(buf, enforce_file_format=True)
     j2k = buf.getvalue()
     body, content_type = multipart_util.encode([native, j2k])
-    r = httpx.post(
+    r = api.post(
         f"{system.dicomweb_url}/studies/{study}", content=body, headers={"Content-Type": content_type}
     )
     assert r.status_code == 200, r.text
@@ -59,13 +59,13 @@ def test_unknown_uids_are_404(system: EmbeddedSystem, stored: dict[str, str | by
         ("studies", new_uid(), "metadata"),
         ("studies", "not-a-uid-at-all", "series", "x", "metadata"),
     ):
-        r = httpx.get(_url(system, *path), headers={"Accept": "*/*"})
+        r = api.get(_url(system, *path), headers={"Accept": "*/*"})
         assert r.status_code == 404, path
         assert "error" in r.json()
 
 
 def test_instance_under_wrong_study_is_404(system: EmbeddedSystem, stored: dict[str, str | bytes]) -> None:
-    r = httpx.get(
+    r = api.get(
         _url(
             system,
             "studies",
@@ -84,15 +84,15 @@ def test_instance_under_wrong_study_is_404(system: EmbeddedSystem, stored: dict[
 def test_unacceptable_accept_is_406(
     system: EmbeddedSystem, stored: dict[str, str | bytes], accept: str
 ) -> None:
-    r = httpx.get(_url(system, "studies", str(stored["study"])), headers={"Accept": accept})
+    r = api.get(_url(system, "studies", str(stored["study"])), headers={"Accept": accept})
     assert r.status_code == 406
     assert "application/dicom" in r.json()["error"]
 
 
 def test_metadata_needs_json(system: EmbeddedSystem, stored: dict[str, str | bytes]) -> None:
     url = _url(system, "studies", str(stored["study"]), "metadata")
-    assert httpx.get(url, headers={"Accept": "application/dicom"}).status_code == 406
-    ok = httpx.get(url, headers={"Accept": "application/dicom+json"})
+    assert api.get(url, headers={"Accept": "application/dicom"}).status_code == 406
+    ok = api.get(url, headers={"Accept": "application/dicom+json"})
     assert ok.status_code == 200
     assert ok.headers["content-type"].startswith("application/dicom+json")
     assert ok.headers["cache-control"] == "no-store"
@@ -102,7 +102,7 @@ def test_metadata_needs_json(system: EmbeddedSystem, stored: dict[str, str | byt
 def test_default_transfer_syntax_omits_what_cannot_be_sent(
     system: EmbeddedSystem, stored: dict[str, str | bytes]
 ) -> None:
-    r = httpx.get(
+    r = api.get(
         _url(system, "studies", str(stored["study"])),
         headers={"Accept": 'multipart/related; type="application/dicom"'},
     )
@@ -110,7 +110,7 @@ def test_default_transfer_syntax_omits_what_cannot_be_sent(
     assert "omitted" in r.headers["warning"]
     parts = multipart_util.decode(r.content, r.headers["content-type"])
     assert [p for _, p in parts] == [stored["native"]]
-    j2k_only = httpx.get(
+    j2k_only = api.get(
         _url(system, "studies", str(stored["study"])),
         headers={
             "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.91'
@@ -126,7 +126,7 @@ def test_instance_that_cannot_be_sent_is_406_with_reason(
     system: EmbeddedSystem, stored: dict[str, str | bytes]
 ) -> None:
     j2k = pydicom.dcmread(io.BytesIO(stored["j2k"]))  # type: ignore[arg-type]
-    r = httpx.get(
+    r = api.get(
         _url(
             system,
             "studies",
@@ -146,7 +146,7 @@ def test_star_accept_gets_everything_as_stored(
     system: EmbeddedSystem, stored: dict[str, str | bytes]
 ) -> None:
     for accept in (AS_STORED, "*/*", "multipart/related; type=application/dicom; transfer-syntax=*"):
-        r = httpx.get(_url(system, "studies", str(stored["study"])), headers={"Accept": accept})
+        r = api.get(_url(system, "studies", str(stored["study"])), headers={"Accept": accept})
         assert r.status_code == 200, accept
         assert r.headers["cache-control"] == "no-store"
         parts = sorted(p for _, p in multipart_util.decode(r.content, r.headers["content-type"]))
@@ -156,7 +156,7 @@ def test_star_accept_gets_everything_as_stored(
 def test_multiframe_instance_streams_back_intact(system: EmbeddedSystem) -> None:
     # 40 frames of 256x256x2 bytes (5 MiB): many encryption segments, several read chunks.
     blob = ct_instance(new_uid(), new_uid(), 1, rows=256, columns=256, frames=40)
-    r = httpx.post(
+    r = api.post(
         f"{system.dicomweb_url}/studies",
         content=blob,
         headers={"Content-Type": "application/dicom"},
@@ -164,7 +164,7 @@ def test_multiframe_instance_streams_back_intact(system: EmbeddedSystem) -> None
     )
     assert r.status_code == 200
     ds = pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True)
-    got = httpx.get(
+    got = api.get(
         _url(
             system,
             "studies",

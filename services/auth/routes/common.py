@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import Request
 
 from pacslib.errors import ForbiddenError, UnauthorizedError
@@ -38,14 +36,9 @@ async def current_user(request: Request) -> Principal:
     return principal
 
 
-async def current_service(request: Request) -> Principal | None:
-    """A service identity's token, or (interim, until every service uses its own) the shared token."""
-    ctx = ctx_of(request)
-    token = bearer_token(request)
-    shared = ctx.settings.service_token
-    if shared is not None and hmac.compare_digest(token.encode(), shared.get_secret_value().encode()):
-        return None
-    principal = await ctx.verifier.verify(token)
+async def current_service(request: Request) -> Principal:
+    """A service identity's token (client credentials); user tokens are refused."""
+    principal = await ctx_of(request).verifier.verify(bearer_token(request))
     if principal.kind != "service":
         raise ForbiddenError("this internal endpoint is for service identities only")
     return principal

@@ -90,7 +90,7 @@ async def review_break_glass(
     return grants.public_grant(grant, with_reason=True)
 
 
-Service = Annotated[Principal | None, Depends(current_service)]
+Service = Annotated[Principal, Depends(current_service)]
 
 
 @internal.get("/access/{sub}")

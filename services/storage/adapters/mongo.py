@@ -131,6 +131,8 @@ def _record(doc: Mapping[str, Any]) -> InstanceRecord:
 
 
 def _existing_result(existing: InstanceRecord, record: InstanceRecord) -> PutResult:
+    if existing.owner_org != record.owner_org:
+        return PutResult(PutOutcome.FOREIGN)
     same = existing.sha256 == record.sha256
     return PutResult(PutOutcome.DUPLICATE if same else PutOutcome.CONFLICT, existing)
 
@@ -291,6 +293,11 @@ class MongoMetadataStore:
             existing = await self._instances.find_one({"_id": record.sop_uid}, session=session)
             if existing is not None:
                 return _existing_result(_record(existing), record)
+            owner = await self._instances.find_one(
+                {"study_uid": record.study_uid}, {"owner_org": 1}, session=session
+            )
+            if owner is not None and owner.get("owner_org") != record.owner_org:
+                return PutResult(PutOutcome.FOREIGN)
             promoted = await self._objects.update_one(
                 {"_id": record.object_id}, {"$set": {"indexed": True}}, session=session
             )

@@ -379,8 +379,16 @@ class SqliteMetadataStore:
                 row = await cursor.fetchone()
             if row is not None:
                 existing = _record(row)
+                if existing.owner_org != record.owner_org:
+                    return PutResult(PutOutcome.FOREIGN)
                 same = existing.sha256 == record.sha256
                 return PutResult(PutOutcome.DUPLICATE if same else PutOutcome.CONFLICT, existing)
+            async with db.execute(
+                "SELECT owner_org FROM instances WHERE study_uid = ? LIMIT 1", (record.study_uid,)
+            ) as cursor:
+                owner = await cursor.fetchone()
+            if owner is not None and owner[0] != record.owner_org:
+                return PutResult(PutOutcome.FOREIGN)
             cursor = await db.execute(
                 "UPDATE objects SET indexed = 1 WHERE object_id = ?", (record.object_id,)
             )

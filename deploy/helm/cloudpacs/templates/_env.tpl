@@ -31,6 +31,11 @@ PACS_GATEWAY_BODY_IDLE_TIMEOUT: {{ include "cloudpacs.envValue" $v.gateway.bodyI
 {{ $p }}LOG_LEVEL: {{ default $v.logLevel $cv.logLevel | quote }}
 {{ $p }}STATE_DIR: {{ $paths.state | quote }}
 {{ $p }}FORWARDED_ALLOW_IPS: {{ $v.forwardedAllowIps | quote }}
+{{- if ne $c "auth" }}
+{{ $p }}AUTH_URL: {{ include "cloudpacs.serviceUrl" (dict "root" $root "component" "auth") | quote }}
+{{ $p }}AUTH_ISSUER: {{ trimSuffix "/" $v.publicUrl | quote }}
+{{ $p }}AUTH_CLIENT_ID: {{ $c | quote }}
+{{- end }}
 {{- if $v.kafka.enabled }}
 {{ $p }}EVENT_BUS: "kafka"
 {{ $p }}KAFKA_BOOTSTRAP_SERVERS: {{ $v.kafka.bootstrapServers | quote }}
@@ -81,11 +86,19 @@ SSL_CERT_FILE: {{ printf "%s/%s" $paths.trustedCa $v.trustedCa.key | quote }}
 {{- $v := $root.Values }}
 {{- if ne $c "gateway" }}
 {{- $p := printf "PACS_%s_" (upper $c) }}
-- name: {{ $p }}SERVICE_TOKEN
+{{- if eq $c "auth" }}
+- name: PACS_AUTH_SERVICE_CLIENTS
   valueFrom:
     secretKeyRef:
-      name: {{ include "cloudpacs.serviceTokenSecret" $root }}
-      key: {{ $v.serviceToken.key }}
+      name: {{ include "cloudpacs.serviceIdentitiesSecret" $root }}
+      key: clients.json
+{{- else }}
+- name: {{ $p }}AUTH_CLIENT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cloudpacs.serviceIdentitiesSecret" $root }}
+      key: {{ $c }}
+{{- end }}
 {{- if and $v.kafka.enabled (hasPrefix "SASL" $v.kafka.securityProtocol) }}
 - name: {{ $p }}KAFKA_SASL_PASSWORD
   valueFrom:

@@ -83,8 +83,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/* Name of the Secret holding the service token, and its key. */}}
-{{- define "cloudpacs.serviceTokenSecret" -}}
-{{- default (printf "%s-service-token" (include "cloudpacs.fullname" .)) .Values.serviceToken.existingSecret }}
+{{- define "cloudpacs.serviceIdentitiesSecret" -}}
+{{- default (printf "%s-service-identities" (include "cloudpacs.fullname" .)) .Values.serviceIdentities.existingSecret }}
+{{- end }}
+
+{{/* The services that have an identity at auth (client id = component name). */}}
+{{- define "cloudpacs.identityServices" -}}
+{{- toJson (list "ingest" "storage" "render" "audit") }}
 {{- end }}
 
 {{- define "cloudpacs.keyringSecret" -}}
