@@ -76,6 +76,7 @@ def _routes(s: Study) -> dict[str, tuple[str, str]]:
         "study_metadata": (f"{base}/metadata", "application/dicom+json"),
         "series_metadata": (f"{base}/series/{s.series}/metadata", "application/dicom+json"),
         "instance_metadata": (f"{inst}/metadata", "application/dicom+json"),
+        "frames": (f"{inst}/frames/1", "multipart/related; type=application/octet-stream; transfer-syntax=*"),
     }
 
 
