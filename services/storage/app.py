@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from pacslib.app import ReadinessCheck, base_app
 from pacslib.identity import build_service_tokens, build_verifier
-from services.storage import frame_routes, internal, qido_routes, routes
+from services.storage import bulkdata_routes, delete_routes, frame_routes, internal, qido_routes, routes
 from services.storage.access import AccessChecker
 from services.storage.context import StorageContext, open_context
 from services.storage.settings import StorageSettings
@@ -53,5 +53,7 @@ def create_app(settings: StorageSettings | None = None) -> FastAPI:
     app.include_router(qido_routes.router)
     app.include_router(routes.router)
     app.include_router(frame_routes.router)
+    app.include_router(bulkdata_routes.router)
+    app.include_router(delete_routes.router)
     app.include_router(internal.router)
     return app
