@@ -19,10 +19,13 @@ import aiosqlite
 
 @dataclass(frozen=True, slots=True)
 class BusRecord:
+    """One record as a consumer reads it; ``partition`` is always 0 on the embedded log."""
+
     topic: str
     offset: int
     key: str
     body: bytes
+    partition: int = 0
 
 
 class EventBus(Protocol):
@@ -36,8 +39,8 @@ class EventBus(Protocol):
         """Records of ``topic`` after the group's committed offset, oldest first."""
         ...
 
-    async def commit(self, group: str, topic: str, offset: int) -> None:
-        """Record that the group has processed everything up to and including ``offset``."""
+    async def commit(self, group: str, records: Sequence[BusRecord]) -> None:
+        """Record that the group has processed ``records`` and everything before them (per partition)."""
         ...
 
     async def ping(self) -> None: ...
@@ -107,13 +110,18 @@ class SqliteEventBus:
                 rows = await cur.fetchall()
         return [BusRecord(topic, int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
-    async def commit(self, group: str, topic: str, offset: int) -> None:
+    async def commit(self, group: str, records: Sequence[BusRecord]) -> None:
+        latest: dict[str, int] = {}
+        for record in records:
+            latest[record.topic] = max(latest.get(record.topic, 0), record.offset)
+        if not latest:
+            return
         async with self._lock:
             db = await self._conn()
-            await db.execute(
+            await db.executemany(
                 "INSERT INTO consumer_offsets (grp, topic, offset) VALUES (?, ?, ?) "
                 "ON CONFLICT (grp, topic) DO UPDATE SET offset = MAX(offset, excluded.offset)",
-                (group, topic, offset),
+                [(group, topic, offset) for topic, offset in latest.items()],
             )
             await db.commit()
 
