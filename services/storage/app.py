@@ -10,7 +10,15 @@ from fastapi import FastAPI
 
 from pacslib.app import ReadinessCheck, base_app
 from pacslib.identity import build_service_tokens, build_verifier
-from services.storage import bulkdata_routes, delete_routes, frame_routes, internal, qido_routes, routes
+from services.storage import (
+    bulkdata_routes,
+    delete_routes,
+    frame_routes,
+    internal,
+    patient_lookup,
+    qido_routes,
+    routes,
+)
 from services.storage.access import AccessChecker
 from services.storage.context import StorageContext, open_context
 from services.storage.settings import StorageSettings
@@ -56,4 +64,5 @@ def create_app(settings: StorageSettings | None = None) -> FastAPI:
     app.include_router(bulkdata_routes.router)
     app.include_router(delete_routes.router)
     app.include_router(internal.router)
+    app.include_router(patient_lookup.router)
     return app
