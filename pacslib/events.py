@@ -16,6 +16,7 @@ ENVELOPE_VERSION = "1"
 
 # Topics (Kafka topic names in cluster mode; streams of the embedded log).
 TOPIC_INSTANCES = "pacs.instances"
+TOPIC_AUDIT = "pacs.audit"  # security and access events, consumed by the audit service
 
 # Event types.
 INSTANCE_STORED = "pacs.instance.stored"

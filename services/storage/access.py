@@ -11,7 +11,7 @@ see is reported as not found, never as forbidden, so its existence is not reveal
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ class Grants:
     """What a user may see beyond their own organization, as auth reports it."""
 
     orgs: frozenset[str] = frozenset()
-    studies: frozenset[tuple[str, str]] = frozenset()  # (owner org, study UID)
+    studies: Mapping[tuple[str, str], str] = field(default_factory=dict)  # (owner org, study UID) -> via
     disabled: bool = False
 
 
@@ -80,22 +80,29 @@ class AccessChecker:
 
     async def may_view(self, principal: Principal, owner_org: str | None, study_uid: str) -> bool:
         """Whether ``principal`` may see the study owned by ``owner_org``."""
-        if principal.kind != "user" or principal.org is None or owner_org is None:
-            return False
-        if await self._allows(principal, owner_org, study_uid, None):
-            return True
-        # Refused on cached grants: ask auth again (a share or break-glass may be seconds old).
-        return await self._allows(principal, owner_org, study_uid, RECHECK_SECONDS)
+        return await self.access_path(principal, owner_org, study_uid) is not None
 
-    async def _allows(
+    async def access_path(self, principal: Principal, owner_org: str | None, study_uid: str) -> str | None:
+        """How ``principal`` may see the study: "organization", "share", "break_glass", or None."""
+        if principal.kind != "user" or principal.org is None or owner_org is None:
+            return None
+        via = await self._via(principal, owner_org, study_uid, None)
+        if via is None:
+            # Refused on cached grants: ask auth again (a share or break-glass may be seconds old).
+            via = await self._via(principal, owner_org, study_uid, RECHECK_SECONDS)
+        return via
+
+    async def _via(
         self, principal: Principal, owner_org: str, study_uid: str, max_age: float | None
-    ) -> bool:
+    ) -> str | None:
         grants = await self.grants(principal, max_age=max_age)
         if grants.disabled:
-            return False
-        return (
-            owner_org == principal.org or owner_org in grants.orgs or (owner_org, study_uid) in grants.studies
-        )
+            return None
+        if owner_org == principal.org:
+            return "organization"
+        if owner_org in grants.orgs:
+            return "share"
+        return grants.studies.get((owner_org, study_uid))
 
     async def scope(self, principal: Principal) -> AccessScope:
         """What a search by ``principal`` may see: their organization's studies, shares, break-glass."""
@@ -116,11 +123,11 @@ class AccessChecker:
 
 
 def _parse(doc: dict[str, Any]) -> Grants:
-    studies = frozenset(
-        (str(s["org"]), str(s["study_uid"]))
+    studies = {
+        (str(s["org"]), str(s["study_uid"])): str(s.get("via") or "share")
         for s in doc.get("studies", [])
         if s.get("org") and s.get("study_uid")
-    )
+    }
     return Grants(
         orgs=frozenset(str(o) for o in doc.get("orgs", [])),
         studies=studies,

@@ -9,6 +9,7 @@ from pacslib.dicom_media import APPLICATION_DICOM_JSON
 from pacslib.errors import NotAcceptableError
 from pacslib.negotiation import parse_accept
 from pacslib.tokens import Principal
+from services.storage import audit_trail
 from services.storage.access_deps import Viewer, access_checker
 from services.storage.context import StorageContext
 from services.storage.ports import Level
@@ -44,6 +45,19 @@ async def _search(
     # Need-to-know is part of the query itself: nothing outside the scope is returned or counted.
     scope = await access_checker(request).scope(principal)
     result = await search(ctx, query, scope, base_url)
+    studies = sorted({uid for doc in result.documents for uid in doc.get("0020000D", {}).get("Value", [])})
+    await audit_trail.record(
+        request,
+        principal,
+        audit_trail.SEARCHED,
+        study or principal.sub,
+        level=level.name.lower(),
+        study_uid=study,
+        series_uid=series,
+        matching_keys=sorted({c.key.keyword for c in query.conditions}),
+        results=len(result.documents),
+        studies=studies,
+    )
     headers = {"Cache-Control": "no-store"}
     warnings = []
     if query.limit_lowered:
