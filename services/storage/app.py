@@ -17,6 +17,7 @@ from services.storage import (
     internal,
     patient_lookup,
     qido_routes,
+    render_source,
     routes,
 )
 from services.storage.access import AccessChecker
@@ -65,4 +66,5 @@ def create_app(settings: StorageSettings | None = None) -> FastAPI:
     app.include_router(delete_routes.router)
     app.include_router(internal.router)
     app.include_router(patient_lookup.router)
+    app.include_router(render_source.router)
     return app
