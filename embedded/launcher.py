@@ -89,6 +89,8 @@ class EmbeddedSystem:
         if secrets_by_service:
             env["PACS_AUTH_SERVICE_CLIENTS"] = json.dumps(secrets_by_service)
         env["PACS_INGEST_STORAGE_URL"] = self.service_url("storage")
+        env["PACS_RENDER_STORAGE_URL"] = self.service_url("storage")  # frames to render
+        env["PACS_AUDIT_STORAGE_URL"] = self.service_url("storage")  # patients of studies, for reports
         env["PACS_GATEWAY_UPSTREAMS"] = ",".join(f"{n}={self.service_url(n)}" for n in SERVICES)
         env["PACS_GATEWAY_HOST"] = self.host
         env["PACS_GATEWAY_PORT"] = str(self.port)
