@@ -36,6 +36,7 @@ from bench.phases import DICOM_JSON, Check, Operation, Step, Unit, run_operation
 from bench.report import _table
 from embedded.launcher import EmbeddedSystem, find_free_base_port
 from pacslib import envelope
+from scripts.identities import bootstrap_admin, create_org, create_user, sign_in
 from services.ingest.dicom_stream import dataset_to_json
 from services.storage.context import open_context
 from services.storage.instances import NewInstance, index_instance
@@ -78,9 +79,13 @@ def scale_study(seed: int, index: int, studies: int) -> tuple[ScaleStudy, dict[s
 
 
 async def load(
-    settings: StorageSettings, studies: int, seed: int, progress: Callable[[int], None]
+    settings: StorageSettings,
+    studies: int,
+    seed: int,
+    progress: Callable[[int], None],
+    owner_org: str | None = None,
 ) -> list[ScaleStudy]:
-    """Index ``studies`` studies through the MetadataStore port the settings select."""
+    """Index ``studies`` studies of ``owner_org`` through the MetadataStore port the settings select."""
     ctx = await open_context(settings)
     loaded: list[ScaleStudy] = []
     try:
@@ -101,6 +106,7 @@ async def load(
                 sha256=EMPTY_SHA256,
                 metadata=doc,
                 frames=None,
+                owner_org=owner_org,
             )
             await index_instance(ctx, new)
             loaded.append(info)
@@ -323,25 +329,45 @@ def run_adapter(adapter: str, args: argparse.Namespace) -> dict[str, Any]:
                     "grows: 100,000 took about an hour here; --scale-adapters sqlite skips it)",
                     flush=True,
                 )
-            started = time.monotonic()
-            studies = asyncio.run(
-                load(
-                    _settings(state, env),
-                    args.scale,
-                    args.seed,
-                    lambda k: print(
-                        f"scale:   {k} studies loaded ({time.monotonic() - started:.0f} s)", flush=True
-                    ),
-                )
+            # The system runs during the load (the loader writes the index directly, as the storage
+            # service would): the studies belong to a hospital whose radiologist then queries them.
+            system = EmbeddedSystem(
+                state_dir=state,
+                port=find_free_base_port(),
+                extra_env={**env, "PACS_AUTH_ACCESS_TOKEN_SECONDS": "3600"},
             )
-            seconds = time.monotonic() - started
-            out["load"] = {"seconds": seconds, "studies_per_s": len(studies) / seconds if seconds else 0.0}
-            print(f"scale: loaded in {seconds:.0f} s; starting the system", flush=True)
-            system = EmbeddedSystem(state_dir=state, port=find_free_base_port(), extra_env=env)
             system.start()
             try:
+                operator = bootstrap_admin(system)
+                org = create_org(system, operator, "Scale Hospital")
+                clinician = create_user(system, operator, org, "scale-rad", ["radiologist"])
+                started = time.monotonic()
+                studies = asyncio.run(
+                    load(
+                        _settings(state, env),
+                        args.scale,
+                        args.seed,
+                        lambda k: print(
+                            f"scale:   {k} studies loaded ({time.monotonic() - started:.0f} s)", flush=True
+                        ),
+                        owner_org=org,
+                    )
+                )
+                seconds = time.monotonic() - started
+                out["load"] = {
+                    "seconds": seconds,
+                    "studies_per_s": len(studies) / seconds if seconds else 0.0,
+                }
+                print(f"scale: loaded in {seconds:.0f} s; signing in and querying", flush=True)
+                if seconds > 1800:  # tokens last an hour: sign in again after a long load
+                    clinician = sign_in(system, clinician)
                 target = Target(
-                    f"cloudpacs-{adapter}", system.base_url, system.dicomweb_url, system.pids, [state]
+                    f"cloudpacs-{adapter}",
+                    system.base_url,
+                    system.dicomweb_url,
+                    system.pids,
+                    [state],
+                    headers=clinician.headers,
                 )
                 ops = scale_operations(studies, args.seed, args.reps)
                 out.update(

@@ -7,7 +7,8 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import httpx
@@ -29,6 +30,10 @@ class Account:
     user_id: str
     org_id: str
     token: str
+    # What signing in again takes (kept in memory by test and benchmark tools only).
+    password: str = field(default="", repr=False)
+    totp_secret: str = field(default="", repr=False)
+    totp_step: int = 0  # the last TOTP time step used (a code is accepted once)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -43,24 +48,49 @@ def _ok(response: httpx.Response, status: int = 200) -> dict[str, object]:
     return body
 
 
-def first_sign_in(system: System, username: str, one_time_password: str) -> str:
-    """Sign in with a one-time password: choose a password, enrol TOTP, return the access token."""
+@dataclass(frozen=True)
+class SignedIn:
+    token: str
+    password: str
+    totp_secret: str
+    totp_step: int
+
+
+def first_sign_in(system: System, username: str, one_time_password: str) -> SignedIn:
+    """Sign in with a one-time password: choose a password, enrol TOTP; return the token and secrets."""
     base = system.base_url
     step = _ok(httpx.post(f"{base}/auth/login", json={"username": username, "password": one_time_password}))
     login_token = step["login_token"]
+    password = secrets.token_urlsafe(24)
     step = _ok(
-        httpx.post(
-            f"{base}/auth/login/password",
-            json={"login_token": login_token, "new_password": secrets.token_urlsafe(24)},
-        )
+        httpx.post(f"{base}/auth/login/password", json={"login_token": login_token, "new_password": password})
     )
     assert step["next"] == "mfa_enroll"
     enrol = _ok(httpx.post(f"{base}/auth/login/mfa/enroll", json={"login_token": login_token}))
-    code = pyotp.TOTP(str(enrol["secret"])).now()
+    secret = str(enrol["secret"])
+    totp = pyotp.TOTP(secret)
+    now = time.time()
+    step_used, code = int(now // totp.interval), totp.at(now)
     tokens = _ok(
         httpx.post(f"{base}/auth/login/mfa/confirm", json={"login_token": login_token, "code": code})
     )
-    return str(tokens["access_token"])
+    return SignedIn(str(tokens["access_token"]), password, secret, step_used)
+
+
+def sign_in(system: System, account: Account) -> Account:
+    """Sign in again with password + TOTP (waiting for a fresh code: a used one is refused); new token."""
+    base = system.base_url
+    step = _ok(
+        httpx.post(f"{base}/auth/login", json={"username": account.username, "password": account.password})
+    )
+    totp = pyotp.TOTP(account.totp_secret)
+    while int(time.time() // totp.interval) <= account.totp_step:  # that step's code is spent
+        time.sleep(totp.interval - time.time() % totp.interval + 0.2)
+    now = time.time()
+    tokens = _ok(
+        httpx.post(f"{base}/auth/login/mfa", json={"login_token": step["login_token"], "code": totp.at(now)})
+    )
+    return replace(account, token=str(tokens["access_token"]), totp_step=int(now // totp.interval))
 
 
 def me(system: System, token: str) -> dict[str, object]:
@@ -78,9 +108,11 @@ def bootstrap_admin(system: System) -> Account:
         check=True,
     )
     one_time = done.stdout.split("one-time password:")[1].split()[0]
-    token = first_sign_in(system, "admin", one_time)
-    info = me(system, token)
-    return Account("admin", str(info["sub"]), str(info["org"]), token)
+    signed = first_sign_in(system, "admin", one_time)
+    info = me(system, signed.token)
+    return Account(
+        "admin", str(info["sub"]), str(info["org"]), signed.token, signed.password, signed.totp_secret
+    )
 
 
 def create_org(system: System, admin: Account, name: str) -> str:
@@ -102,5 +134,7 @@ def create_user(system: System, admin: Account, org_id: str, username: str, role
     )
     user = body["user"]
     assert isinstance(user, dict)
-    token = first_sign_in(system, username, str(body["one_time_password"]))
-    return Account(username, str(user["id"]), org_id, token)
+    signed = first_sign_in(system, username, str(body["one_time_password"]))
+    return Account(
+        username, str(user["id"]), org_id, signed.token, signed.password, signed.totp_secret, signed.totp_step
+    )

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from embedded.launcher import EmbeddedSystem
-from scripts.identities import Account
+from scripts.identities import Account, sign_in
 from tests.dicom_factory import ct_instance, new_uid
 from tests.http.conftest import Deployment
 
@@ -226,3 +226,14 @@ def test_cannot_add_instances_to_another_organizations_study(
         headers={"Accept": "application/dicom+json", **deployment.accounts["clinician_b"].headers},
     )
     assert len(meta.json()) == 1
+
+
+def test_signing_in_again_with_password_and_totp(deployment: Deployment) -> None:
+    """The tools' second sign-in (password + a fresh TOTP code) gives a working token."""
+    again = sign_in(deployment.system, deployment.accounts["referrer_a"])
+    assert again.token != deployment.accounts["referrer_a"].token
+    r = httpx.get(
+        f"{deployment.system.dicomweb_url}/studies?limit=1",
+        headers={"Accept": "application/dicom+json", **again.headers},
+    )
+    assert r.status_code == 200
