@@ -28,6 +28,7 @@ class Target:
     storage_dirs: list[Path]
     auth: httpx.Auth | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    audit_headers: dict[str, str] = field(default_factory=dict)  # an auditor's credentials, for the probe
     client: httpx.AsyncClient | None = None
 
     def open(self) -> httpx.AsyncClient:

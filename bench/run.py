@@ -223,15 +223,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 system.start()
                 sys_ref = system
-                # Authentication on, as hospitals run it: a radiologist signed in with password + TOTP.
+                # Authentication on, as hospitals run it: a radiologist signed in with password + TOTP;
+                # the hospital's auditor probes the audit trail at the end.
                 operator = bootstrap_admin(system)
-                clinician = create_user(
-                    system,
-                    operator,
-                    create_org(system, operator, "Bench Hospital"),
-                    "bench-rad",
-                    ["radiologist"],
-                )
+                org = create_org(system, operator, "Bench Hospital")
+                clinician = create_user(system, operator, org, "bench-rad", ["radiologist"])
+                auditor = create_user(system, operator, org, "bench-aud", ["auditor"])
                 targets.append(
                     Target(
                         "cloudpacs",
@@ -240,6 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         sys_ref.pids,
                         [system.state_dir],
                         headers=clinician.headers,
+                        audit_headers=auditor.headers,
                     )
                 )
             if "orthanc" in args.targets:

@@ -29,10 +29,26 @@ async def probe_authentication(target: Target, inst: Instance) -> dict[str, Any]
 
 
 async def probe_audit(target: Target, base_url: str, path: str) -> dict[str, Any]:
+    """Audit is on when the audit-log query answers with records of the benchmark's own accesses.
+
+    cloudpacs's log is asked with an auditor's token (``target.audit_headers``), the study of a
+    stored corpus instance as the filter; a server without an audit API answers 404 (off).
+    """
     client = target.open()
-    resp = await client.get(base_url + path, headers={"Accept": "application/json"})
-    on = 200 <= resp.status_code < 300
-    return {"on": on, "how": f"GET {path} (audit-log query) got HTTP {resp.status_code}"}
+    headers = {"Accept": "application/json", **target.audit_headers}
+    resp = await client.get(base_url + path, headers=headers, params={"limit": "5"})
+    records: list[Any] = []
+    if 200 <= resp.status_code < 300:
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        records = body.get("records", []) if isinstance(body, dict) else []
+    on = bool(records)
+    return {
+        "on": on,
+        "how": f"GET {path} (audit-log query) got HTTP {resp.status_code} with {len(records)} record(s)",
+    }
 
 
 def _markers(instances: list[Instance]) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""Session-wide fixtures: the real S3 and MongoDB-protocol servers, started once when a test needs them."""
+"""Session-wide fixtures: the real S3, MongoDB- and Kafka-protocol servers, started once when a test needs them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import pytest
 
-from tests.realservers import mongo_server, s3_server
+from tests.realservers import kafka_server, mongo_server, s3_server
 
 _startup_seconds: dict[str, float] = {}
 
@@ -35,6 +35,19 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Endpoint
     with s3_server(tmp_path_factory.mktemp("juicefs")) as (endpoint, access_key, secret_key):
         _startup_seconds["JuiceFS S3 gateway"] = time.monotonic() - started
         yield S3Endpoint(endpoint, access_key, secret_key)
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap address (``host:port``) of a noida-db Kafka-protocol broker running for the whole session.
+
+    Tests isolate themselves by topic and group names; a test that restarts a broker starts its own
+    (``tests.realservers.kafka_server``).
+    """
+    started = time.monotonic()
+    with kafka_server(tmp_path_factory.mktemp("noida")) as broker:
+        _startup_seconds["noida-db (Kafka protocol)"] = time.monotonic() - started
+        yield broker.bootstrap
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

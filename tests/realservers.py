@@ -1,4 +1,4 @@
-"""Start real protocol servers for tests: SecantusDB (MongoDB wire protocol) and the JuiceFS S3 gateway.
+"""Start real protocol servers for tests: SecantusDB (MongoDB), the JuiceFS S3 gateway and noida-db (Kafka).
 
 Each server runs in its own temporary directory on a free 127.0.0.1 port, is polled until it answers,
 and is stopped at the end (SIGTERM, then SIGKILL after a timeout). Logs go to files in that directory;
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.resources
 import os
 import secrets
 import shutil
@@ -248,3 +249,151 @@ def s3_server(tmp: Path) -> Iterator[tuple[str, str, str]]:
             yield f"127.0.0.1:{port}", access_key, secret_key
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def noida_binary() -> Path:
+    """The noida-db server binary inside its wheel.
+
+    The ``noida-db`` console script is a Python wrapper that runs this binary as a child process and
+    does not pass signals on, so stopping the wrapper would leave the broker running: run the binary.
+    """
+    try:
+        package = importlib.resources.files("noida_db")
+    except ModuleNotFoundError as exc:
+        raise ServerStartError(
+            "noida-db is not installed in this virtualenv; install the test dependencies "
+            "(requirements/dev.txt) first"
+        ) from exc
+    path = Path(str(package.joinpath("noida-db")))
+    if not path.is_file():
+        raise ServerStartError(f"the noida-db binary is missing from its package (expected {path})")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)  # the wrapper does the same before running it
+    return path
+
+
+class KafkaBroker:
+    """A noida-db Kafka-protocol broker (single node) on a fixed port and data directory.
+
+    ``restart()`` stops the broker gracefully and starts it again on the same port with the same data,
+    as a rolling restart of a broker does to its clients.
+    """
+
+    def __init__(self, tmp: Path) -> None:
+        self._exe = noida_binary()
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.data_dir = tmp / "data"
+        self.log = tmp / "noida-db.log"
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        """``host:port`` for Kafka clients."""
+        return f"127.0.0.1:{self.port}"
+
+    def _args(self, port: int) -> list[str]:
+        return [
+            str(self._exe),
+            "start",
+            "--data-dir",
+            str(self.data_dir),
+            "--host",
+            "127.0.0.1",
+            "--only",
+            "kafka",
+            "--kafka-port",
+            str(port),
+        ]
+
+    def start(self) -> None:
+        """Start on a free port (or on the port it had, after ``stop()``) and wait until it answers."""
+        last_error = ""
+        for _attempt in range(START_ATTEMPTS):
+            port = self.port or free_port()
+            args = self._args(port)
+            self._log_file = self.log.open("ab")
+            try:
+                self._proc = subprocess.Popen(args, stdout=self._log_file, stderr=subprocess.STDOUT)
+            except OSError as exc:
+                self._close_log()
+                raise ServerStartError(f"cannot run noida-db ({args[0]}): {exc}") from exc
+            deadline = time.monotonic() + START_TIMEOUT
+            while self._proc.poll() is None and time.monotonic() < deadline:
+                if kafka_ready(port):
+                    self.port = port
+                    return
+                time.sleep(0.05)
+            running = self._proc.poll() is None
+            self.stop()
+            if running:
+                raise ServerStartError(
+                    f"noida-db (Kafka) did not become ready on 127.0.0.1:{port} within "
+                    f"{START_TIMEOUT:.0f} s: {' '.join(args)}\n--- tail of {self.log} ---\n{log_tail(self.log)}"
+                )
+            last_error = (
+                f"noida-db (Kafka) exited while starting: {' '.join(args)}\n"
+                f"--- tail of {self.log} ---\n{log_tail(self.log)}"
+            )
+        raise ServerStartError(last_error)
+
+    def stop(self) -> None:
+        """Stop the broker gracefully (its data stays in ``data_dir``)."""
+        if self._proc is not None:
+            _stop(self._proc)
+            self._proc = None
+        self._close_log()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+@contextlib.contextmanager
+def kafka_server(tmp: Path) -> Iterator[KafkaBroker]:
+    """Run a noida-db Kafka-protocol broker; yield it (``.bootstrap``, ``.restart()``)."""
+    broker = KafkaBroker(tmp)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def kafka_ready(port: int) -> bool:
+    """True when a Kafka broker answers an ApiVersions request on 127.0.0.1:port."""
+    client_id = b"cloudpacs-tests"
+    correlation = 7
+    # ApiVersions v0: api_key 18, api_version 0, correlation id, client id (int16-length string).
+    body = (
+        (18).to_bytes(2, "big")
+        + (0).to_bytes(2, "big")
+        + correlation.to_bytes(4, "big")
+        + len(client_id).to_bytes(2, "big")
+        + client_id
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(len(body).to_bytes(4, "big") + body)
+            header = _recv_exactly(sock, 4)
+            reply = _recv_exactly(sock, int.from_bytes(header, "big"))
+    except OSError:
+        return False
+    # Response: correlation id (int32), error code (int16), ...
+    return int.from_bytes(reply[:4], "big") == correlation and reply[4:6] == b"\x00\x00"
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed by the broker")
+        data += chunk
+    return data

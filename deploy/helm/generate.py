@@ -29,6 +29,14 @@ SCHEMA_FILE = CHART_DIR / "values.schema.json"
 # Characters that end a literal run in a regular expression.
 _META = set(".^$*+?{}[]|()\\")
 
+# The event bus settings the chart sets from the release-wide ``kafka`` values (chart value -> field):
+# every service must reach the same brokers and topics, so they are not per-service tunables.
+KAFKA_TOPIC_VALUES = {
+    "topicPrefix": "kafka_topic_prefix",
+    "topicPartitions": "kafka_topic_partitions",
+    "topicReplicationFactor": "kafka_topic_replication_factor",
+    "topicRetentionMs": "kafka_topic_retention_ms",
+}
 # Settings every service has that the chart sets itself (listen address, paths inside the container,
 # the service identities and auth's URL and issuer, the event bus, the trusted proxies).
 COMMON_MANAGED = frozenset(
@@ -43,6 +51,13 @@ COMMON_MANAGED = frozenset(
         "auth_client_secret",
         "event_bus",
         "event_log_path",
+        "kafka_bootstrap_servers",
+        "kafka_security_protocol",
+        "kafka_sasl_mechanism",
+        "kafka_sasl_username",
+        "kafka_sasl_password",
+        "kafka_ssl_cafile",
+        *KAFKA_TOPIC_VALUES.values(),
         "forwarded_allow_ips",
     }
 )
@@ -70,7 +85,15 @@ MANAGED: dict[str, frozenset[str]] = {
     "auth": frozenset(
         {"issuer", "store", "sqlite_path", "mongodb_uri", "keyring_path", "create_keyring", "service_clients"}
     ),
+    "render": frozenset({"storage_url"}),
+    "audit": frozenset(
+        {"store", "sqlite_path", "mongodb_uri", "keyring_path", "create_keyring", "storage_url"}
+    ),
 }
+# Services with a KEK keyring mounted from a Secret (``<service>.keyring``).
+KEYRING_SERVICES = ("storage", "auth", "audit")
+# The audit trail is one hash chain with one writer: its Deployment runs exactly one pod, never scaled.
+SINGLE_REPLICA = frozenset({"audit"})
 SETTINGS_CLASSES = {
     "auth": ("services.auth.settings", "AuthSettings"),
     "ingest": ("services.ingest.settings", "IngestSettings"),
@@ -287,8 +310,17 @@ def _keyring(service: str) -> dict[str, Any]:
 
 def _component(service: str | None) -> dict[str, Any]:
     """Schema of one component's block (``service`` None: the gateway)."""
+    single = service in SINGLE_REPLICA
+    replicas: dict[str, Any] = {
+        "type": "integer",
+        "minimum": 1,
+        "description": "Pods (when autoscaling is off).",
+    }
+    if single:
+        replicas["maximum"] = 1
+        replicas["description"] = "Always 1: one writer of the audit hash chain (no autoscaling either)."
     properties: dict[str, Any] = {
-        "replicas": {"type": "integer", "minimum": 1, "description": "Pods (when autoscaling is off)."},
+        "replicas": replicas,
         "image": _obj(
             {
                 "digest": {
@@ -324,6 +356,9 @@ def _component(service: str | None) -> dict[str, Any]:
         "affinity": _ANY_OBJECT,
     }
     required = ["replicas", "image", "resources", "autoscaling", "pdb", "terminationGracePeriodSeconds"]
+    if single:
+        del properties["autoscaling"]
+        required.remove("autoscaling")
     if service is None:
         properties["bodyIdleTimeoutSeconds"] = {
             "type": "number",
@@ -335,10 +370,21 @@ def _component(service: str | None) -> dict[str, Any]:
         properties["logLevel"] = {"enum": ["", "DEBUG", "INFO", "WARNING", "ERROR"]}
         properties["settings"] = settings
         properties["secretSettings"] = secret_settings
-        if service in ("storage", "auth"):
+        if service in KEYRING_SERVICES:
             properties["keyring"] = _keyring(service)
             required.append("keyring")
     return _obj(properties, required)
+
+
+def _kafka_topic_values() -> dict[str, Any]:
+    """Schemas of the release-wide ``kafka.topic*`` values, from the shared settings they set."""
+    settings = _import("pacslib.settings").ServiceSettings.model_json_schema()
+    out: dict[str, Any] = {}
+    for value, field in KAFKA_TOPIC_VALUES.items():
+        cleaned = _clean(settings["properties"][field], settings.get("$defs", {}))
+        cleaned["description"] = f"PACS_<SERVICE>_{field.upper()}: {cleaned.get('description', '')}"
+        out[value] = cleaned
+    return out
 
 
 def build_schema() -> dict[str, Any]:
@@ -430,6 +476,7 @@ def build_schema() -> dict[str, Any]:
                 ),
                 "caSecret": _SECRET_NAME,
                 "caKey": _KEY,
+                **_kafka_topic_values(),
             },
             ["enabled"],
         ),

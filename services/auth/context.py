@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pacslib.eventbus import EventBus, SqliteEventBus
+from pacslib.eventbus import EventBus
+from pacslib.eventbus_factory import build_event_bus
 from pacslib.keyring import Keyring
 from pacslib.outbox import OutboxRelay
 from pacslib.tokens import CallableJwksSource, TokenVerifier
@@ -72,7 +73,7 @@ async def open_context(settings: AuthSettings, clock: Clock = system_clock) -> A
     store = build_store(settings)
     await store.init()
     keyring = load_keyring(settings)
-    bus = SqliteEventBus(settings.resolved_event_log_path())
+    bus = build_event_bus(settings)
     relay = OutboxRelay(store, bus)
     signing = SigningKeys(
         store,

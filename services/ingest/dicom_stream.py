@@ -36,11 +36,14 @@ from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 from pacslib.dicom_uids import validate_uid
 
 __all__ = [
+    "BULK_FRAMES",
+    "BULK_MARKER_PREFIX",
     "DEFLATED_TRANSFER_SYNTAXES",
     "DicomParseError",
     "InstanceHeader",
     "InstanceStreamParser",
     "ParsedInstance",
+    "bulk_marker",
     "dataset_to_json",
 ]
 
@@ -77,9 +80,15 @@ _MAX_FRAGMENTS = 1 << 20
 """Most pixel data fragments indexed; past that the instance is stored without a frame index."""
 _INFLATE_STEP = 1 << 16
 """Most inflated bytes produced per zlib call, so that a bomb is caught before it is materialised."""
+_MAX_LOCATIONS = 1 << 16
+"""Most value locations remembered for bulk data; values past that are left out of the metadata."""
 
-_BULK_DROP = "\x00drop"
+_BULK_LARGE = "\x00large:"
 _BULK_INLINE = "\x00inline:"
+BULK_MARKER_PREFIX = "pacs-bulk:"
+"""Prefix of the BulkDataURI markers kept in stored metadata (see :func:`bulk_marker`)."""
+BULK_FRAMES = "frames"
+"""Marker location of encapsulated Pixel Data: served frame by frame from the frame index."""
 
 
 class DicomParseError(Exception):
@@ -103,9 +112,10 @@ class ParsedInstance:
     """Everything ingest extracts from one complete Part-10 instance."""
 
     header: InstanceHeader
-    # DICOM JSON model (PS3.18 F.2) of the data set without group 0002 and Pixel Data; binary values
-    # (OB/OW/OF/OD/OL/OV/UN) longer than bulk_threshold bytes are left out. Small elements that follow
-    # Pixel Data (e.g. trailing padding) are included.
+    # DICOM JSON model (PS3.18 F.2) of the data set without group 0002; binary values (OB/OW/OF/OD/OL/
+    # OV/UN) longer than bulk_threshold bytes, and Pixel Data, carry a bulk data marker in BulkDataURI
+    # (see bulk_marker) or are left out when their value cannot be addressed (deflated data sets).
+    # Small elements that follow Pixel Data (e.g. trailing padding) are included.
     metadata: dict[str, Any]
     # Per frame (in order), the (offset, length) byte ranges in the Part-10 stream as fed; None when
     # frames cannot be addressed (no pixel data, deflated data set, inconsistent attributes).
@@ -186,6 +196,8 @@ class _Container:
     implicit: bool  # encoding of the elements inside
     detect: bool = False  # item: decide implicit/explicit VR from its first element, as pydicom does
     pixel: bool = False  # top-level encapsulated Pixel Data: its fragments are indexed
+    path: tuple[int, ...] = ()  # sequence: its element's path; item: the sequence's path + item index
+    items: int = 0  # sequence: items opened so far
 
 
 class InstanceStreamParser:
@@ -200,7 +212,7 @@ class InstanceStreamParser:
     max_depth:
         Deepest allowed nesting of sequences.
     bulk_threshold:
-        Binary values longer than this many bytes are left out of the metadata document.
+        Binary values longer than this many bytes become bulk data markers in the metadata document.
     """
 
     def __init__(
@@ -259,6 +271,10 @@ class InstanceStreamParser:
         # small elements after Pixel Data
         self._trailer = bytearray()
         self._current: bytearray | None = None
+
+        # bulk data: where each value longer than bulk_threshold lies, by element path
+        self._locations: dict[tuple[int, ...], tuple[int, int]] = {}
+        self._pixel: tuple[int, str | None] = (0x7FE00010, None)  # tag and VR of the Pixel Data found
 
     # ------------------------------------------------------------------ public API
 
@@ -615,8 +631,17 @@ class InstanceStreamParser:
         if vr == "SQ":
             self._push_sequence(tag, self._pos + length, top, implicit)
             return 0
+        self._note_location(top, tag, length)
         self._start_value(tag, length)
         return 0
+
+    def _note_location(self, top: _Container | None, tag: int, length: int) -> None:
+        """Remember where a value that may become bulk data lies in the stream as fed."""
+        if length <= self._bulk_threshold or self._inflater is not None:
+            return  # inline in the metadata, or not addressable (positions in a deflated stream are not)
+        if len(self._locations) < _MAX_LOCATIONS:
+            path = (*top.path, tag) if top is not None else (tag,)
+            self._locations[path] = (self._pos, length)
 
     def _check_bounds(self, top: _Container | None, tag: int, start: int, header: int, length: int) -> None:
         """Reject an element that would run past the end of the defined-length item containing it."""
@@ -649,7 +674,8 @@ class InstanceStreamParser:
                 f"sequences are nested more than {self._max_depth} levels deep (at {_tag_str(tag)})"
             )
         self._depth += 1
-        self._push(_Container(_Kind.SEQUENCE, tag, end, _nearest(end, top), implicit))
+        path = (*top.path, tag) if top is not None else (tag,)
+        self._push(_Container(_Kind.SEQUENCE, tag, end, _nearest(end, top), implicit, path=path))
 
     def _sequence_entry(self, top: _Container, tag: int, length: int) -> None:
         """Handle an item or a sequence delimiter inside a sequence."""
@@ -662,9 +688,16 @@ class InstanceStreamParser:
                 )
             else:
                 end = self._pos + length
+            top.items += 1
             self._push(
                 _Container(
-                    _Kind.ITEM, top.tag, end, _nearest(end, top), top.implicit, detect=not top.implicit
+                    _Kind.ITEM,
+                    top.tag,
+                    end,
+                    _nearest(end, top),
+                    top.implicit,
+                    detect=not top.implicit,
+                    path=(*top.path, top.items - 1),
                 )
             )
         elif tag == _SEQUENCE_DELIMITER and top.end is None:
@@ -729,6 +762,7 @@ class InstanceStreamParser:
         self._take_header(header_length, keep=False)
         self._parse_header()
         self._pixel_found = True
+        self._pixel = (tag, vr)
         if length == _UNDEFINED_LENGTH:
             container = _Container(_Kind.FRAGMENTS, tag, None, None, self._implicit)
             container.pixel = self._inflater is None
@@ -777,8 +811,9 @@ class InstanceStreamParser:
         if self._in_header:
             self._parse_header()
         header = self.header()
+        frames = self._frames()
         result = ParsedInstance(
-            header=header, metadata=self._metadata(header.dataset), frames=self._frames(), size=self._size
+            header=header, metadata=self._metadata(header.dataset, frames), frames=frames, size=self._size
         )
         self._bot = None
         self._frag_offsets = array("q")
@@ -820,8 +855,8 @@ class InstanceStreamParser:
             series_uid=series,
         )
 
-    def _metadata(self, dataset: Dataset) -> dict[str, Any]:
-        """Build the DICOM JSON document of the header plus the small elements after Pixel Data."""
+    def _metadata(self, dataset: Dataset, frames: list[list[tuple[int, int]]] | None) -> dict[str, Any]:
+        """Build the DICOM JSON document of the header, Pixel Data and the small elements after it."""
         datasets = [dataset]
         if self._trailer:
             try:
@@ -838,8 +873,31 @@ class InstanceStreamParser:
                 _log.info("elements after Pixel Data could not be decoded; they are left out of the metadata")
         document: dict[str, Any] = {}
         for source in datasets:
-            document.update(dataset_to_json(source, self._bulk_threshold))
-        return document
+            document.update(dataset_to_json(source, self._bulk_threshold, self._locations))
+        pixel = self._pixel_element(frames)
+        if pixel is not None:
+            document[f"{self._pixel[0]:08X}"] = pixel
+        return dict(sorted(document.items()))
+
+    def _pixel_element(self, frames: list[list[tuple[int, int]]] | None) -> dict[str, Any] | None:
+        """The Pixel Data element of the metadata, a bulk data marker; None when it cannot be served.
+
+        Native pixel data is served from its value's location, encapsulated pixel data frame by frame
+        from the frame index; a deflated data set has no addressable values.
+        """
+        if not self._pixel_found or self._inflater is not None:
+            return None
+        tag, vr = self._pixel
+        if self._native is not None:
+            offset, length = self._native
+            if not length:
+                return None
+            # Implicit VR Pixel Data ("OB or OW" in the dictionary) is OW (PS3.5 A.1).
+            json_vr = "OW" if vr is None or " or " in vr else vr
+            return {"vr": json_vr, "BulkDataURI": bulk_marker((tag,), f"{offset};{length}")}
+        if frames is None:
+            return None
+        return {"vr": "OB", "BulkDataURI": bulk_marker((tag,), BULK_FRAMES)}
 
     def _frames(self) -> list[list[tuple[int, int]]] | None:
         """Build the frame offset index, or None when frames cannot be addressed."""
@@ -866,17 +924,23 @@ class InstanceStreamParser:
         return _group_fragments(fragments, offsets)
 
 
-def dataset_to_json(dataset: Dataset, bulk_threshold: int) -> dict[str, Any]:
-    """Return the DICOM JSON model of `dataset` without group 0002, Pixel Data and large binary values.
+def dataset_to_json(
+    dataset: Dataset,
+    bulk_threshold: int,
+    locations: dict[tuple[int, ...], tuple[int, int]] | None = None,
+) -> dict[str, Any]:
+    """Return the DICOM JSON model of `dataset` without group 0002 and Pixel Data.
 
-    Binary values (OB/OW/OF/OD/OL/OV/UN) longer than `bulk_threshold` bytes are left out, at any
-    nesting level; top-level elements that pydicom cannot decode are left out too.
+    Binary values (OB/OW/OF/OD/OL/OV/UN) up to `bulk_threshold` bytes are inline; longer ones, at any
+    nesting level, become bulk data markers (see :func:`bulk_marker`) when `locations` has the
+    position of their value in the stored stream (keyed by element path, see ``bulk_marker``), and are
+    left out otherwise. Top-level elements that pydicom cannot decode are left out too.
     """
 
     def mark(element: DataElement) -> str:
         value = element.value
         if len(value) > bulk_threshold:
-            return _BULK_DROP
+            return f"{_BULK_LARGE}{len(value)}"
         return _BULK_INLINE + base64.b64encode(value).decode("ascii")
 
     document: dict[str, Any] = {}
@@ -888,26 +952,44 @@ def dataset_to_json(dataset: Dataset, bulk_threshold: int) -> dict[str, Any]:
                 encoded = dataset[tag].to_json_dict(mark, 0)
             except Exception:  # noqa: S112 - an undecodable element is left out rather than failing ingest
                 continue
-            kept = _unmark(encoded)
+            kept = _unmark(encoded, (int(tag),), locations or {})
             if kept is not None:
                 document[f"{tag:08X}"] = kept
     return document
 
 
-def _unmark(element: dict[str, Any]) -> dict[str, Any] | None:
-    """Resolve bulk markers in a JSON element: drop large binary values, inline small ones."""
+def bulk_marker(path: tuple[int, ...], where: str) -> str:
+    """The BulkDataURI kept in the stored metadata for a bulk value (the storage service resolves it).
+
+    ``pacs-bulk:<element path>;<offset>;<length>`` (the value's bytes in the stored Part-10 object) or
+    ``pacs-bulk:7FE00010;frames`` (encapsulated Pixel Data, served from the frame index). The element
+    path alternates tags (8 hex digits) and 0-based item indexes: ``00091011``,
+    ``0040A730/0/00091011``. Storage rewrites it to an absolute bulkdata URL when serving metadata.
+    """
+    parts = [f"{p:08X}" if i % 2 == 0 else str(p) for i, p in enumerate(path)]
+    return f"{BULK_MARKER_PREFIX}{'/'.join(parts)};{where}"
+
+
+def _unmark(
+    element: dict[str, Any], path: tuple[int, ...], locations: dict[tuple[int, ...], tuple[int, int]]
+) -> dict[str, Any] | None:
+    """Resolve the markers of `mark` in a JSON element: bulk data markers, inline small values."""
     uri = element.get("BulkDataURI")
     if isinstance(uri, str):
-        if uri == _BULK_DROP:
-            return None
+        if uri.startswith(_BULK_LARGE):
+            where = locations.get(path)
+            # The walker and pydicom must agree on the value; if they do not, the value is left out.
+            if where is None or where[1] != int(uri[len(_BULK_LARGE) :]):
+                return None
+            return {"vr": element["vr"], "BulkDataURI": bulk_marker(path, f"{where[0]};{where[1]}")}
         if uri.startswith(_BULK_INLINE):
             element = {"vr": element["vr"], "InlineBinary": uri[len(_BULK_INLINE) :]}
     if element.get("vr") == "SQ" and isinstance(element.get("Value"), list):
         items = []
-        for item in element["Value"]:
+        for index, item in enumerate(element["Value"]):
             kept_item = {}
             for key, child in item.items():
-                kept = _unmark(child)
+                kept = _unmark(child, (*path, index, int(key, 16)), locations)
                 if kept is not None:
                     kept_item[key] = kept
             items.append(kept_item)

@@ -7,12 +7,14 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from pacslib.actors import acting
 from pacslib.dicom_media import APPLICATION_DICOM, APPLICATION_DICOM_JSON, MULTIPART_RELATED
 from pacslib.dicom_uids import is_valid_uid
 from pacslib.errors import BadRequestError, ServiceUnavailableError, UnsupportedMediaTypeError
 from pacslib.http_body import body_chunks
 from pacslib.identity import CLINICAL_ROLES
 from pacslib.negotiation import parse_media_type
+from pacslib.public_url import dicomweb_base
 from pacslib.tokens import Principal, TokenVerifier, require_principal
 from services.ingest.settings import IngestSettings
 from services.ingest.storage_client import StorageClient
@@ -55,9 +57,11 @@ async def _stow(request: Request, study: str | None, principal: Principal) -> JS
         boundary = media.params.get("boundary")
         if not boundary:
             raise BadRequestError("the multipart/related Content-Type has no boundary parameter")
-        outcome = await store_multipart(body, boundary, client, settings, study, principal.org)
+        outcome = await store_multipart(
+            body, boundary, client, settings, study, principal.org, acting(principal, request)
+        )
     elif media.essence == APPLICATION_DICOM:
-        outcome = await store_single(body, client, settings, study, principal.org)
+        outcome = await store_single(body, client, settings, study, principal.org, acting(principal, request))
     else:
         raise UnsupportedMediaTypeError(
             f'{media.essence} is not supported; send multipart/related; type="application/dicom"'
@@ -69,7 +73,7 @@ async def _stow(request: Request, study: str | None, principal: Principal) -> JS
             raise BadRequestError("the request contains no DICOM instance")
         if all(p.storage_down for p in outcome.failed):
             raise ServiceUnavailableError("the storage service is unavailable; nothing was stored")
-    base_url = str(request.base_url).rstrip("/") + "/dicom-web"
+    base_url = dicomweb_base(request.app.state.settings)
     status, doc = stow_response(outcome, base_url, study)
     headers = {"Cache-Control": "no-store"}
     if outcome.body_error is not None:

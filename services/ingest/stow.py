@@ -129,9 +129,11 @@ class PartStore:
         settings: IngestSettings,
         expected_study: str | None,
         owner_org: str | None,
+        actor: dict[str, Any] | None = None,
     ) -> None:
         self._client = client
         self._owner_org = owner_org
+        self._actor = actor
         self._settings = settings
         self._expected_study = expected_study
         self._parser = InstanceStreamParser(
@@ -207,6 +209,7 @@ class PartStore:
                 "metadata": parsed.metadata,
                 "frames": parsed.frames,
                 "owner_org": self._owner_org,
+                "actor": self._actor,
             }
         )
         if outcome == "conflict":
@@ -265,8 +268,11 @@ async def store_multipart(
     settings: IngestSettings,
     expected_study: str | None,
     owner_org: str | None,
+    actor: dict[str, Any] | None = None,
 ) -> StowOutcome:
-    """Store every part of a multipart/related body for ``owner_org``; never raises for one bad part."""
+    """Store every part of a multipart/related body for ``owner_org``; never raises for one bad part.
+
+    ``actor`` (who stores, from where) goes with each instance into storage's access event."""
     stream = MultipartStream(boundary)
     outcome = StowOutcome()
     current: PartStore | None = None
@@ -275,7 +281,7 @@ async def store_multipart(
         async for chunk in body:
             for event in stream.feed(chunk):
                 if isinstance(event, PartBegin):
-                    current = PartStore(client, settings, expected_study, owner_org)
+                    current = PartStore(client, settings, expected_study, owner_org, actor)
                     rejected = False
                     try:
                         check_part_type(event.headers)
@@ -306,9 +312,10 @@ async def store_single(
     settings: IngestSettings,
     expected_study: str | None,
     owner_org: str | None,
+    actor: dict[str, Any] | None = None,
 ) -> StowOutcome:
     """Store a body that is one application/dicom instance for ``owner_org``."""
-    part = PartStore(client, settings, expected_study, owner_org)
+    part = PartStore(client, settings, expected_study, owner_org, actor)
     rejected = False
     try:
         async for chunk in body:

@@ -1,4 +1,5 @@
-"""Who may call storage: clinicians on the DICOMweb routes (need-to-know per study), ingest internally."""
+"""Who may call storage: clinicians on the DICOMweb routes (need-to-know per study), ingest internally,
+and administrators of the owning organization for DELETE."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from services.storage.ports import InstanceRecord
 
 # Service identities allowed on the internal write API.
 WRITERS = frozenset({"ingest"})
+# Roles that may delete studies, series and instances (of their own organization only).
+DELETER_ROLES = frozenset({"admin"})
 
 
 def _verifier(request: Request) -> TokenVerifier:
@@ -40,6 +43,8 @@ async def _writer(
 
 Writer = Annotated[Principal, Depends(_writer)]
 
+Admin = Annotated[Principal, Depends(require_principal(_verifier, roles=DELETER_ROLES, kinds=("user",)))]
+
 
 async def ensure_visible(
     request: Request, principal: Principal, study_uid: str, records: Sequence[InstanceRecord], what: str
@@ -48,4 +53,18 @@ async def ensure_visible(
     checker = access_checker(request)
     for owner in {r.owner_org for r in records}:
         if not await checker.may_view(principal, owner, study_uid):
+            raise NotFoundError(f"no such {what}")
+
+
+async def ensure_owned(
+    request: Request, principal: Principal, study_uid: str, records: Sequence[InstanceRecord], what: str
+) -> None:
+    """NotFoundError (exactly as for a missing resource) unless ``principal``'s organization owns every record.
+
+    Ownership is asked of the access checker, so a disabled account is refused like a stranger; a
+    share or break-glass grant lets a user see a study, never delete it.
+    """
+    checker = access_checker(request)
+    for owner in {r.owner_org for r in records}:
+        if owner is None or await checker.access_path(principal, owner, study_uid) != "organization":
             raise NotFoundError(f"no such {what}")

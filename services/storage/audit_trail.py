@@ -15,6 +15,9 @@ from typing import Any
 
 from fastapi import Request
 
+from pacslib.actors import USER_AGENT_MAX as USER_AGENT_MAX
+from pacslib.actors import actor_of as actor_of
+from pacslib.actors import client_of as client_of
 from pacslib.errors import ServiceUnavailableError
 from pacslib.events import TOPIC_AUDIT, Event
 from pacslib.telemetry import current_traceparent
@@ -25,29 +28,9 @@ SOURCE = "storage"
 SEARCHED = "pacs.storage.searched"
 RETRIEVED = "pacs.storage.retrieved"
 DENIED = "pacs.storage.denied"
-
-USER_AGENT_MAX = 256
+STORED = "pacs.storage.stored"  # written by index_instance, in the instance's own transaction
 
 log = logging.getLogger(__name__)
-
-
-def actor_of(principal: Principal) -> dict[str, Any]:
-    """Who acted: the token's subject, organization, kind and roles."""
-    return {
-        "sub": principal.sub,
-        "org": principal.org,
-        "kind": principal.kind,
-        "roles": sorted(principal.roles),
-    }
-
-
-def client_of(request: Request) -> dict[str, Any]:
-    """From where: the client address (after trusted proxies) and its user agent."""
-    agent = request.headers.get("user-agent")
-    return {
-        "client_ip": request.client.host if request.client else None,
-        "user_agent": agent[:USER_AGENT_MAX] if agent else None,
-    }
 
 
 async def record(request: Request, principal: Principal, event_type: str, subject: str, **data: Any) -> Event:
@@ -67,3 +50,12 @@ async def record(request: Request, principal: Principal, event_type: str, subjec
             "this access could not be recorded in the audit trail, so it is refused; try again shortly"
         ) from None
     return event
+
+
+async def record_denied(request: Request, principal: Principal, study_uid: str, **data: Any) -> None:
+    """Record a refused attempt to reach an existing study (best effort: a 404 must look the same
+    whether or not the record could be made, or the difference would reveal that the study exists)."""
+    try:
+        await record(request, principal, DENIED, study_uid, study_uid=study_uid, **data)
+    except ServiceUnavailableError:
+        log.error("a refused access could not be recorded")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pacslib.eventbus import EventBus, SqliteEventBus
+from pacslib.eventbus import EventBus
+from pacslib.eventbus_factory import build_event_bus
 from pacslib.keyring import Keyring
 from pacslib.outbox import OutboxRelay
 from services.storage.blind_index import BlindIndex, load_index
@@ -94,6 +95,6 @@ async def open_context(settings: StorageSettings) -> StorageContext:
     except BaseException:
         await metadata.close()
         raise
-    bus = SqliteEventBus(settings.resolved_event_log_path())
+    bus = build_event_bus(settings)
     relay = OutboxRelay(metadata, bus)
     return StorageContext(settings, objects, metadata, keyring, bus, relay, index)

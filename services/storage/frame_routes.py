@@ -8,12 +8,19 @@ from fastapi.responses import StreamingResponse
 from pacslib.negotiation import parse_accept
 from services.storage.access_deps import Viewer
 from services.storage.context import StorageContext
-from services.storage.frames import BIG_ENDIAN, check_frames, multipart_frames, parse_frame_list, plan_frames
-from services.storage.instances import instance_metadata
-from services.storage.routes import visible_instances
+from services.storage.frames import (
+    check_frames,
+    frame_source,
+    multipart_frames,
+    parse_frame_list,
+    plan_frames,
+)
+from services.storage.routes import record_retrieval, visible_instances
 from services.storage.wado import new_boundary, prefetched
 
 router = APIRouter(prefix="/dicom-web")
+
+AUDITED_FRAMES = 100  # frame numbers listed in an access event (the count is always there)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}")
@@ -24,15 +31,24 @@ async def retrieve_frames(
     numbers = parse_frame_list(frame_list)
     ctx: StorageContext = request.app.state.ctx
     (record,) = await visible_instances(request, principal, study, series, sop)
-    bits: int | None = None
-    if record.transfer_syntax_uid == BIG_ENDIAN:
-        values = (await instance_metadata(ctx, record)).get("00280100", {}).get("Value", [])
-        bits = int(values[0]) if values else None
-    plan = plan_frames(record, parse_accept(request.headers.get("accept")), bits)
+    source = await frame_source(ctx, record)
+    plan = plan_frames(record, parse_accept(request.headers.get("accept")), source)
     check_frames(record, numbers)
     boundary = new_boundary()
+    body = await prefetched(multipart_frames(ctx, record, numbers, plan, boundary))
+    await record_retrieval(
+        request,
+        principal,
+        "frames",
+        study,
+        series,
+        sop,
+        1,
+        frames=numbers[:AUDITED_FRAMES],
+        frame_count=len(numbers),
+    )
     return StreamingResponse(
-        await prefetched(multipart_frames(ctx, record, numbers, plan, boundary)),
+        body,
         media_type=f'multipart/related; type="{plan.media_type}"; boundary={boundary}',
         headers={"Cache-Control": "no-store"},
     )

@@ -9,7 +9,8 @@ from typing import Any
 
 from pacslib import envelope
 from pacslib.errors import BadRequestError, IntegrityFailureError
-from pacslib.events import INSTANCE_STORED, TOPIC_INSTANCES, Event
+from pacslib.events import INSTANCE_STORED, TOPIC_AUDIT, TOPIC_INSTANCES, Event
+from services.storage.audit_trail import STORED
 from services.storage.context import StorageContext
 from services.storage.objects import data_key, discard_object, metadata_context
 from services.storage.ports import InstanceRecord, PutOutcome
@@ -31,6 +32,7 @@ class NewInstance:
     metadata: dict[str, Any]
     frames: list[list[tuple[int, int]]] | None
     owner_org: str | None = None  # the storing organization (from the uploader's token, via ingest)
+    actor: dict[str, Any] | None = None  # who stored it and from where (for the access event)
 
 
 async def index_instance(
@@ -89,9 +91,26 @@ async def index_instance(
             "size": new.size,
         },
     )
-    result = await ctx.metadata.put_instance(
-        record, [(TOPIC_INSTANCES, new.study_uid, event.encode())], search
-    )
+    events = [(TOPIC_INSTANCES, new.study_uid, event.encode())]
+    if new.actor is not None:
+        # The access event of the creation, in the same transaction: no instance without its record.
+        stored = Event(
+            type=STORED,
+            source="storage",
+            subject=new.study_uid,
+            traceparent=traceparent,
+            data={
+                "actor": {k: new.actor[k] for k in ("sub", "org", "kind", "roles") if k in new.actor},
+                **{k: new.actor[k] for k in ("client_ip", "user_agent") if k in new.actor},
+                "action": "stored",
+                "study_uid": new.study_uid,
+                "series_uid": new.series_uid,
+                "sop_uid": new.sop_uid,
+                "instances": 1,
+            },
+        )
+        events.append((TOPIC_AUDIT, new.study_uid, stored.encode()))
+    result = await ctx.metadata.put_instance(record, events, search)
     if result.outcome is PutOutcome.STORED:
         ctx.relay.notify()
     else:

@@ -33,6 +33,17 @@ class ObjectWritten(BaseModel):
     sha256: str
 
 
+class Actor(BaseModel):
+    """Who stored the instance and from where (for the access event), as ingest saw it."""
+
+    sub: str = Field(max_length=128)
+    org: str | None = Field(None, max_length=64)
+    kind: str = Field(max_length=16)
+    roles: list[str] = Field(max_length=16)
+    client_ip: str | None = Field(None, max_length=64)
+    user_agent: str | None = Field(None, max_length=256)
+
+
 class IndexRequest(BaseModel):
     study_uid: str = Field(max_length=64)
     series_uid: str = Field(max_length=64)
@@ -45,6 +56,7 @@ class IndexRequest(BaseModel):
     metadata: dict[str, Any]
     frames: list[list[tuple[int, int]]] | None = None
     owner_org: str = Field(min_length=1, max_length=64)
+    actor: Actor | None = None
 
 
 class IndexResponse(BaseModel):
@@ -76,6 +88,7 @@ async def post_instance(request: Request, body: IndexRequest, _: Writer) -> Inde
         metadata=body.metadata,
         frames=[list(f) for f in body.frames] if body.frames is not None else None,
         owner_org=body.owner_org,
+        actor=body.actor.model_dump(exclude_none=True) if body.actor is not None else None,
     )
     outcome = await index_instance(_ctx(request), new, traceparent=current_traceparent())
     return IndexResponse(outcome=outcome.value)

@@ -12,7 +12,7 @@ is a conjunction of token clauses (``IndexQuery``) that each adapter compiles to
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -215,6 +215,35 @@ class PutResult:
     existing: InstanceRecord | None = field(default=None)
 
 
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """What ``MetadataStore.delete_instances`` removes, and what it rebuilds the study's search rows from.
+
+    It addresses a study, one series of it (``series_uid``) or one instance (``series_uid`` and
+    ``sop_uid``). ``doomed`` holds the object ids of the instances the caller found there. ``entries``
+    maps object ids of the study's instances to their search entries, computed again as
+    ``put_instance`` got them (documents sealed with that instance's own data key). Every instance that
+    stays needs one: the study and series rows left behind are rebuilt from them exactly as if the
+    deleted instances had never been stored. For a deleted instance an entry is optional (an adapter
+    may use it to find the rows' tokens without a scan), so an instance whose metadata can no longer
+    be read can still be deleted.
+    """
+
+    study_uid: str
+    series_uid: str | None
+    sop_uid: str | None
+    doomed: frozenset[str]
+    entries: Mapping[str, SearchEntry]
+
+
+class DeleteOutcome(enum.Enum):
+    """What ``MetadataStore.delete_instances`` did."""
+
+    DELETED = "deleted"
+    NOT_FOUND = "not_found"  # nothing is stored at that address (any more): nothing changed
+    CHANGED = "changed"  # the study is no longer as the caller read it: nothing changed, read it again
+
+
 class MetadataStore(Protocol):
     """The metadata index, the data-key table and the transactional outbox, in one database."""
 
@@ -276,6 +305,23 @@ class MetadataStore(Protocol):
 
     async def list_instances(self, study_uid: str, series_uid: str | None = None) -> list[InstanceRecord]:
         """Instances of a study (or of one series of it), ordered by series then instance UID."""
+        ...
+
+    async def delete_instances(
+        self, deletion: Deletion, events: Sequence[tuple[str, str, bytes]]
+    ) -> DeleteOutcome:
+        """In one transaction: remove instances, destroy their data keys, rebuild search rows, enqueue events.
+
+        The instances addressed by ``deletion`` lose their index records, their search rows and the
+        rows of their objects' data keys (crypto-erasure: their ciphertext can never be decrypted
+        again; the caller removes the blobs after the commit). The study and series rows left behind
+        are rebuilt from ``deletion.entries``; a series or study without searchable instances left
+        loses its row. The rows keep their ``seq`` (their place in search order).
+
+        NOT_FOUND when nothing is stored at the address. CHANGED, with nothing written, when the
+        instances found there are not exactly ``deletion.doomed`` or when an instance of the study
+        that stays searchable has no entry in ``deletion.entries`` (a concurrent store or delete).
+        """
         ...
 
     # -- search (QIDO-RS) -----------------------------------------------------------------------

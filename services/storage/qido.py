@@ -18,6 +18,7 @@ from typing import Any
 from pacslib import envelope
 from pacslib.errors import BadRequestError, IntegrityFailureError
 from services.storage.blind_index import BlindIndex
+from services.storage.bulk_markers import MARKER_PREFIX, instance_url, resolve_markers
 from services.storage.context import StorageContext
 from services.storage.objects import metadata_context
 from services.storage.ports import IndexQuery, IndexRow, Level, SearchEntry, TokenClause
@@ -377,4 +378,18 @@ def _result(
         available[SOP_UID] = _element("UI", [row.sop_uid])
     available[RETRIEVE_URL] = _element("UR", [_retrieve_url(row, base_url)])
     chosen = available if wanted is None else {t: v for t, v in available.items() if t in wanted}
-    return {t: chosen[t] for t in sorted(chosen)}
+    result = {t: chosen[t] for t in sorted(chosen)}
+    return _public_bulk_uris(result, row, base_url)
+
+
+def _public_bulk_uris(result: dict[str, Any], row: IndexRow, base_url: str) -> dict[str, Any]:
+    """Turn the stored bulk data markers into absolute BulkDataURIs (instance rows only carry them)."""
+    text = json.dumps(result, separators=(",", ":"))
+    if MARKER_PREFIX not in text:
+        return result
+    if row.series_uid is None or row.sop_uid is None:  # never expected: such rows hold no bulk data
+        raise IntegrityFailureError("a study or series search document holds bulk data references")
+    resolved: dict[str, Any] = json.loads(
+        resolve_markers(text, instance_url(base_url, row.study_uid, row.series_uid, row.sop_uid))
+    )
+    return resolved

@@ -8,6 +8,7 @@ from fastapi.responses import JSONResponse
 from pacslib.dicom_media import APPLICATION_DICOM_JSON
 from pacslib.errors import NotAcceptableError
 from pacslib.negotiation import parse_accept
+from pacslib.public_url import dicomweb_base
 from pacslib.tokens import Principal
 from services.storage import audit_trail
 from services.storage.access_deps import Viewer, access_checker
@@ -41,7 +42,7 @@ async def _search(
         series_uid=series,
         max_limit=ctx.qido.max_limit,
     )
-    base_url = str(request.base_url).rstrip("/") + "/dicom-web"
+    base_url = dicomweb_base(ctx.settings)
     # Need-to-know is part of the query itself: nothing outside the scope is returned or counted.
     scope = await access_checker(request).scope(principal)
     result = await search(ctx, query, scope, base_url)

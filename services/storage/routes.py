@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from pacslib.dicom_media import APPLICATION_DICOM, APPLICATION_DICOM_JSON
-from pacslib.errors import NotAcceptableError
+from pacslib.errors import NotAcceptableError, NotFoundError
 from pacslib.negotiation import parse_accept
+from pacslib.public_url import dicomweb_base
 from pacslib.tokens import Principal
-from services.storage.access_deps import Viewer, ensure_visible
+from services.storage import audit_trail
+from services.storage.access_deps import Viewer, access_checker
 from services.storage.context import StorageContext
 from services.storage.ports import InstanceRecord
 from services.storage.wado import (
@@ -35,12 +39,49 @@ def _ctx(request: Request) -> StorageContext:
 async def visible_instances(
     request: Request, principal: Principal, study: str, series: str | None, sop: str | None
 ) -> list[InstanceRecord]:
-    """The instances addressed, if ``principal`` may see them; 404 alike when missing or not theirs."""
+    """The instances addressed, if ``principal`` may see them; 404 alike when missing or not theirs.
+
+    How the caller may see them (own organization, share, break-glass) is kept on the request for
+    the access event (``record_retrieval``); a refused attempt on an existing study is recorded too.
+    """
+    what = "instance" if sop else "series" if series else "study"
     records = await find_instances(_ctx(request), study, series, sop)
-    await ensure_visible(
-        request, principal, study, records, "instance" if sop else "series" if series else "study"
-    )
+    checker = access_checker(request)
+    paths: set[str] = set()
+    for owner in {r.owner_org for r in records}:
+        via = await checker.access_path(principal, owner, study)
+        if via is None:
+            await audit_trail.record_denied(request, principal, study, series_uid=series, sop_uid=sop)
+            raise NotFoundError(f"no such {what}")
+        paths.add(via)
+    request.state.access_via = ",".join(sorted(paths))
     return records
+
+
+async def record_retrieval(
+    request: Request,
+    principal: Principal,
+    action: str,
+    study: str,
+    series: str | None,
+    sop: str | None,
+    instances: int,
+    **details: Any,
+) -> None:
+    """Publish the access event of a retrieval about to be answered (503 when it cannot be recorded)."""
+    await audit_trail.record(
+        request,
+        principal,
+        audit_trail.RETRIEVED,
+        study,
+        action=action,
+        study_uid=study,
+        series_uid=series,
+        sop_uid=sop,
+        instances=instances,
+        via=getattr(request.state, "access_via", None),
+        **details,
+    )
 
 
 async def _retrieve(
@@ -48,17 +89,22 @@ async def _retrieve(
 ) -> StreamingResponse:
     accept = parse_accept(request.headers.get("accept"))
     ctx = _ctx(request)
-    plan = plan_retrieve(await visible_instances(request, principal, study, series, sop), accept)
+    plan = await plan_retrieve(ctx, await visible_instances(request, principal, study, series, sop), accept)
     boundary = new_boundary()
     headers = dict(NO_STORE)
     status = 200
     if plan.skipped:
         status = 206
         headers["Warning"] = (
-            f'299 cloudpacs "{plan.skipped} instance(s) omitted: not available in an accepted transfer syntax"'
+            f'299 cloudpacs "{plan.skipped} instance(s) omitted, not available in an accepted transfer '
+            f'syntax: {"; ".join(plan.reasons)}"'
         )
+    body = await prefetched(multipart_instances(ctx, plan.parts, boundary))
+    await record_retrieval(
+        request, principal, "instances", study, series, sop, len(plan.parts), omitted=plan.skipped or None
+    )
     return StreamingResponse(
-        await prefetched(multipart_instances(ctx, plan.records, boundary)),
+        body,
         status_code=status,
         media_type=f'multipart/related; type="{APPLICATION_DICOM}"; boundary={boundary}',
         headers=headers,
@@ -72,8 +118,13 @@ async def _metadata(
         raise NotAcceptableError("metadata is available as application/dicom+json only")
     ctx = _ctx(request)
     records = await visible_instances(request, principal, study, series, sop)
+    base_url = dicomweb_base(ctx.settings)
+    body = await prefetched(metadata_array(ctx, records, base_url))
+    await record_retrieval(request, principal, "metadata", study, series, sop, len(records))
     return StreamingResponse(
-        await prefetched(metadata_array(ctx, records)), media_type=APPLICATION_DICOM_JSON, headers=NO_STORE
+        body,
+        media_type=APPLICATION_DICOM_JSON,
+        headers=NO_STORE,
     )
 
 

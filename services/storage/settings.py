@@ -48,6 +48,12 @@ class StorageSettings(ServiceSettings):
         description="How long a user's grants (shares, break-glass) from auth are cached; a revoked grant "
         "stops working within this time.",
     )
+    max_transcode_bytes: int = Field(
+        256 << 20,
+        ge=1 << 20,
+        description="Largest instance (as stored, and once decoded) or frame converted to Explicit VR Little "
+        "Endian for WADO-RS; a larger one answers 406 (or is left out of a study, with a Warning).",
+    )
 
     def resolved_fs_root(self) -> Path:
         return self.fs_root or self.state_dir / "objects"

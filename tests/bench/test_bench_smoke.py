@@ -92,10 +92,11 @@ def test_stow_and_wado_are_measured_with_throughput_and_first_byte(results: dict
     assert ops[("WADO-RS", "whole 4-frame instance (2 MB)", 1)]["results"]["cloudpacs"]["status"] == "ok"
 
 
-def test_security_is_probed_and_encryption_at_rest_is_on(results: dict[str, Any]) -> None:
+def test_security_is_probed_and_all_of_it_is_on(results: dict[str, Any]) -> None:
     sec = results["security"]["cloudpacs"]
     assert set(sec) == {"authentication", "audit", "encryption at rest"}
-    assert sec["encryption at rest"]["on"] is True, sec["encryption at rest"]
+    for what in ("authentication", "audit", "encryption at rest"):
+        assert sec[what]["on"] is True, (what, sec[what])
     assert all(isinstance(v["on"], bool) and v["how"] for v in sec.values())
 
 

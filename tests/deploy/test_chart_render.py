@@ -50,19 +50,9 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
     "render": RenderSettings,
     "audit": AuditSettings,
 }
-# Kafka event bus variables the chart sets when kafka.enabled; the services read them once the Kafka
-# adapter lands (audit issue). test_pending_kafka_variables_are_not_read_yet fails on that day, so the
-# names get checked against the real settings then.
-PENDING_KAFKA_FIELDS = frozenset(
-    {
-        "kafka_bootstrap_servers",
-        "kafka_security_protocol",
-        "kafka_sasl_mechanism",
-        "kafka_sasl_username",
-        "kafka_sasl_password",
-        "kafka_ssl_cafile",
-    }
-)
+# Services with a KEK keyring Secret, and the MongoDB users (the same URI Secret, their own databases).
+KEYRING_SERVICES = ("storage", "auth", "audit")
+MONGODB_SERVICES = ("storage", "auth", "audit")
 
 
 def test_every_object_is_valid_kubernetes(value_set: tuple[str, list[Manifest]]) -> None:
@@ -195,22 +185,11 @@ def test_environment_is_exactly_what_the_services_read(value_set: tuple[str, lis
         fields = set(settings.model_fields)
         for variable in pod_env(docs, service):
             if variable == "SSL_CERT_FILE":
-                assert service in ("storage", "auth")  # read by the S3 client (minio) and httpx
+                assert service in MONGODB_SERVICES  # read by the S3 client (minio) and httpx
                 continue
             assert variable.startswith(prefix), f"{service} gets {variable}"
             field = variable.removeprefix(prefix).lower()
-            if name.endswith("kafka") and field in PENDING_KAFKA_FIELDS:
-                continue
             assert field in fields, f"{service} does not read {variable} ({name})"
-
-
-def test_pending_kafka_variables_are_not_read_yet() -> None:
-    for service, settings in SETTINGS.items():
-        landed = PENDING_KAFKA_FIELDS & set(settings.model_fields)
-        assert not landed, (
-            f"{service} now reads {sorted(landed)}: drop them from PENDING_KAFKA_FIELDS so the chart's "
-            "Kafka variables are checked against the settings"
-        )
 
 
 def test_ssl_cert_file_is_what_the_s3_client_reads() -> None:
@@ -239,6 +218,63 @@ def test_storage_runs_in_cluster_mode_with_a_read_only_keyring(value_set: tuple[
     assert [item["path"] for item in volume["secret"]["items"]] == [Path(keyring_path).name]
     for variable in ("PACS_STORAGE_S3_ACCESS_KEY", "PACS_STORAGE_S3_SECRET_KEY", "PACS_STORAGE_MONGODB_URI"):
         assert isinstance(env[variable], SecretRef), f"{variable} must come from a Secret"
+
+
+def test_render_reads_frames_from_storage(value_set: tuple[str, list[Manifest]]) -> None:
+    _, docs = value_set
+    env = pod_env(docs, "render")
+    assert env["PACS_RENDER_STORAGE_URL"] == f"http://{name_of('storage')}:{PORTS['storage']}"
+    assert env["PACS_RENDER_AUTH_CLIENT_ID"] == "render"  # storage's /internal/render/... wants it
+    assert _allows(docs, "render", "storage")
+
+
+def test_audit_runs_in_cluster_mode_with_a_read_only_keyring(value_set: tuple[str, list[Manifest]]) -> None:
+    name, docs = value_set
+    env = pod_env(docs, "audit")
+    storage = pod_env(docs, "storage")
+    assert env["PACS_AUDIT_STORE"] == "mongodb"
+    assert isinstance(env["PACS_AUDIT_MONGODB_URI"], SecretRef)
+    assert env["PACS_AUDIT_MONGODB_URI"] == storage["PACS_STORAGE_MONGODB_URI"]  # one replica set
+    assert "PACS_AUDIT_SQLITE_PATH" not in env
+    assert env["PACS_AUDIT_CREATE_KEYRING"] == "false"
+    keyring_path = env["PACS_AUDIT_KEYRING_PATH"]
+    assert isinstance(keyring_path, str)
+    mount, volume = mounted_secret(docs, "audit", str(Path(keyring_path).parent))
+    assert mount["readOnly"] is True
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert [item["path"] for item in volume["secret"]["items"]] == [Path(keyring_path).name]
+    existing = VALUE_SETS[name]["audit"]["keyring"].get("existingSecret")
+    assert volume["secret"]["secretName"] == (existing or f"{name_of('audit')}-keyring")
+    # The patient of a study comes from storage, asked with the audit service identity.
+    assert env["PACS_AUDIT_STORAGE_URL"] == f"http://{name_of('storage')}:{PORTS['storage']}"
+    assert env["PACS_AUDIT_AUTH_CLIENT_ID"] == "audit"
+    assert _allows(docs, "audit", "storage")
+    assert ("TCP", 27017) in _external_egress(docs, "audit")
+
+
+def test_mongodb_users_default_to_separate_databases() -> None:
+    # They share one URI (one Secret), so the default database names keep their data apart.
+    defaults = {SETTINGS[s].model_fields["mongodb_database"].default for s in MONGODB_SERVICES}
+    assert len(defaults) == len(MONGODB_SERVICES)
+
+
+def test_audit_runs_one_pod_and_never_two_at_once(value_set: tuple[str, list[Manifest]]) -> None:
+    _, docs = value_set
+    spec = deployment(docs, "audit")["spec"]
+    assert spec["replicas"] == 1
+    # Recreate: a rollout stops the old pod before it starts the new one (one writer of the chain).
+    assert spec["strategy"] == {"type": "Recreate"}
+    targets = [h["spec"]["scaleTargetRef"]["name"] for h in find(docs, "HorizontalPodAutoscaler")]
+    assert name_of("audit") not in targets
+    # A node drain may still evict the single pod.
+    assert one(docs, "PodDisruptionBudget", name_of("audit"))["spec"]["maxUnavailable"] == 1
+    for component in COMPONENTS:
+        if component != "audit":
+            strategy = deployment(docs, component)["spec"]["strategy"]
+            assert strategy == {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+            }
 
 
 def test_every_service_has_its_own_identity_at_auth(value_set: tuple[str, list[Manifest]]) -> None:
@@ -282,8 +318,7 @@ def test_configmaps_hold_no_secret() -> None:
         zone["accessKey"],
         zone["secretKey"],
         values["mongodb"]["uri"],
-        values["storage"]["keyring"]["keyringJson"].strip(),
-        values["auth"]["keyring"]["keyringJson"].strip(),
+        *(values[service]["keyring"]["keyringJson"].strip() for service in KEYRING_SERVICES),
     ]
     for config_map in find(docs, "ConfigMap"):
         text = repr(config_map["data"])
@@ -305,10 +340,12 @@ def test_existing_secrets_are_referenced_and_not_created() -> None:
     auth = pod_env(docs, "auth")
     assert auth["PACS_AUTH_SERVICE_CLIENTS"] == SecretRef("cloudpacs-service-identities", "clients.json")
     assert auth["PACS_AUTH_MONGODB_URI"] == env["PACS_STORAGE_MONGODB_URI"]
-    _, volume = mounted_secret(docs, "storage", "/etc/cloudpacs/keyring")
-    assert volume["secret"]["secretName"] == "cloudpacs-storage-keyring"
-    _, volume = mounted_secret(docs, "auth", "/etc/cloudpacs/keyring")
-    assert volume["secret"]["secretName"] == "cloudpacs-auth-keyring"
+    audit = pod_env(docs, "audit")
+    assert audit["PACS_AUDIT_MONGODB_URI"] == env["PACS_STORAGE_MONGODB_URI"]
+    assert audit["PACS_AUDIT_AUTH_CLIENT_SECRET"] == SecretRef("cloudpacs-service-identities", "audit")
+    for service in KEYRING_SERVICES:
+        _, volume = mounted_secret(docs, service, "/etc/cloudpacs/keyring")
+        assert volume["secret"]["secretName"] == f"cloudpacs-{service}-keyring"
 
 
 def test_inline_credentials_become_one_secret_per_zone() -> None:
@@ -332,11 +369,16 @@ def test_inline_credentials_become_one_secret_per_zone() -> None:
     assert env["PACS_STORAGE_S3_ACCESS_KEY"] == SecretRef(f"{name_of('s3')}-zone-a", "accessKey")
 
 
-def test_keyrings_are_kept_on_uninstall() -> None:
-    docs = manifests(render(VALUE_SETS["defaults"]))
-    for component in ("storage", "auth"):
+def test_inline_keyrings_become_secrets_kept_on_uninstall() -> None:
+    values = VALUE_SETS["defaults"]
+    docs = manifests(render(values))
+    for component in KEYRING_SERVICES:
         secret = one(docs, "Secret", f"{name_of(component)}-keyring")
         assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        content = base64.b64decode(secret["data"]["keyring.json"]).decode()
+        assert content == values[component]["keyring"]["keyringJson"]
+        _, volume = mounted_secret(docs, component, "/etc/cloudpacs/keyring")
+        assert volume["secret"]["secretName"] == secret["metadata"]["name"]
 
 
 def test_ingress_sends_tls_traffic_for_the_public_host_to_the_gateway(
@@ -422,6 +464,7 @@ def _external_egress(docs: list[Manifest], component: str) -> set[tuple[str, int
 EXPECTED_CALLS = {("gateway", s) for s in SERVICES} | {
     ("ingest", "storage"),
     ("render", "storage"),
+    ("audit", "storage"),
     *((c, "auth") for c in COMPONENTS if c != "auth"),
 }
 
@@ -440,7 +483,7 @@ def test_network_policies_deny_by_default_and_open_only_the_needed_paths(
     assert allowed == EXPECTED_CALLS
 
     dns = {("UDP", 53), ("TCP", 53)}
-    kafka = {("TCP", 9093)} if name.endswith("kafka") else set()
+    kafka = {("TCP", 9093)}  # every installation runs on Kafka
     mongo = {("TCP", 27017)}
     s3 = {("TCP", 443), ("TCP", 8443)} if name == "multi-zone" else {("TCP", 443)}
     expected = {
@@ -449,7 +492,7 @@ def test_network_policies_deny_by_default_and_open_only_the_needed_paths(
         "ingest": dns | kafka,
         "storage": dns | s3 | mongo | kafka,
         "render": dns | kafka,
-        "audit": dns | kafka,
+        "audit": dns | mongo | kafka,
     }
     for component, ports in expected.items():
         assert _external_egress(docs, component) == ports, component
@@ -495,11 +538,19 @@ def test_kafka_settings_secret_and_ca_reach_every_service() -> None:
         assert env[prefix + "KAFKA_SASL_USERNAME"] == "cloudpacs"
         assert env[prefix + "KAFKA_SASL_PASSWORD"] == SecretRef("cloudpacs", "password")
         assert env[prefix + "KAFKA_SSL_CAFILE"] == "/etc/cloudpacs/kafka-ca/ca.crt"
+        # One set of topics for every service.
+        assert env[prefix + "KAFKA_TOPIC_PREFIX"] == "cloudpacs."
+        assert env[prefix + "KAFKA_TOPIC_PARTITIONS"] == "6"
+        assert env[prefix + "KAFKA_TOPIC_REPLICATION_FACTOR"] == "3"
+        assert env[prefix + "KAFKA_TOPIC_RETENTION_MS"] == "604800000"
         mount, volume = mounted_secret(docs, service, "/etc/cloudpacs/kafka-ca")
         assert mount["readOnly"] is True
         assert volume["secret"]["secretName"] == "pacs-kafka-cluster-ca-cert"
-    without = manifests(render(VALUE_SETS["existing-secrets"]))
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_value_set_runs_every_service_on_kafka(name: str) -> None:
+    """No installation runs on the pod-private embedded event log: the audit trail needs the bus."""
+    docs = manifests(render(VALUE_SETS[name]))
     for service in SERVICES:
-        env = pod_env(without, service)
-        assert env[f"PACS_{service.upper()}_EVENT_BUS"] == "embedded"
-        assert not any("KAFKA" in name for name in env)
+        assert pod_env(docs, service)[f"PACS_{service.upper()}_EVENT_BUS"] == "kafka"

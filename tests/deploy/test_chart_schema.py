@@ -64,6 +64,23 @@ def test_a_non_numeric_replica_count_is_rejected() -> None:
         ({"storage": {"replica": 3}}, "at '/storage': additional properties 'replica' not allowed"),
         ({"storage": {"image": {"digest": "latest"}}}, "at '/storage/image/digest': 'latest' does not match"),
         ({"storage": {"resources": {"limits": None}}}, "at '/storage/resources': missing property 'limits'"),
+        # The audit trail has one writer: one pod, never autoscaled; its store and storage are wired.
+        ({"audit": {"replicas": 2}}, "at '/audit/replicas': maximum: got 2, want 1"),
+        (
+            {"audit": {"autoscaling": {"enabled": True}}},
+            "at '/audit': additional properties 'autoscaling' not allowed",
+        ),
+        ({"audit": {"settings": {"store": "sqlite"}}}, "additional properties 'store' not allowed"),
+        (
+            {"render": {"settings": {"storage_url": "http://x"}}},
+            "additional properties 'storage_url' not allowed",
+        ),
+        # Every service must use the same topics: the prefix is a release-wide value.
+        (
+            {"storage": {"settings": {"kafka_topic_prefix": "a."}}},
+            "additional properties 'kafka_topic_prefix' not allowed",
+        ),
+        ({"kafka": {"topicReplicationFactor": 0}}, "at '/kafka/topicReplicationFactor': minimum: got 0"),
         ({"logLevel": "TRACE"}, "at '/logLevel': value must be one of"),
         ({"kafka": {"securityProtocol": "TLS"}}, "at '/kafka/securityProtocol': value must be one of"),
     ],
@@ -95,9 +112,14 @@ def test_zone_endpoint_must_be_host_and_port() -> None:
         ),
         (lambda v: v["mongodb"].pop("uri"), "mongodb: set existingSecret"),
         (lambda v: v["storage"].pop("keyring"), "storage.keyring: set existingSecret"),
+        (lambda v: v["audit"].pop("keyring"), "audit.keyring: set existingSecret"),
         (
-            lambda v: v.update(kafka={"enabled": True}),
+            lambda v: v["kafka"].pop("bootstrapServers"),
             "kafka.bootstrapServers is required when kafka.enabled is true",
+        ),
+        (
+            lambda v: v["kafka"].update(enabled=False),
+            "kafka.enabled must be true: the Kafka event bus carries every access event to the audit service",
         ),
     ],
 )

@@ -3,7 +3,8 @@
 There is no container engine here, so the image is reproduced the way its build stage makes it: the
 wheel is built from the same sources, installed with requirements/runtime.txt into a fresh virtualenv
 outside the repository, and every component is started from there with the command of its Dockerfile
-target and the environment the chart gives its pod (against real S3 and MongoDB-protocol servers).
+target and the environment the chart gives its pod (against real S3, MongoDB- and Kafka-protocol
+servers).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -44,12 +46,13 @@ from tests.deploy.chart import (
     render,
     secret_value,
 )
-from tests.dicom_factory import ct_instance, new_uid
+from tests.dicom_factory import PATIENT_ID, ct_instance, new_uid
 from tests.multipart_util import encode
 
 DOCKERFILE = REPO_ROOT / "deploy" / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 HEALTHCHECK = REPO_ROOT / "deploy" / "docker" / "healthcheck.py"
+KEYRING_SERVICES = ("storage", "auth", "audit")
 START_ORDER = ("storage", "auth", "audit", "render", "ingest", "gateway")
 COMMANDS = {c: ["python", "-m", f"services.{c}"] for c in COMPONENTS if c != "gateway"} | {
     "gateway": ["python", "-m", "embedded.gateway_main"]
@@ -342,12 +345,20 @@ def wait_ready(pod: Pod, path: str, deadline: float) -> None:
 
 @pytest.fixture(scope="module")
 def pods(
-    image_venv: Path, s3_endpoint: S3Endpoint, mongo_uri: str, tmp_path_factory: pytest.TempPathFactory
+    image_venv: Path,
+    s3_endpoint: S3Endpoint,
+    mongo_uri: str,
+    kafka_bootstrap: str,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, Pod]]:
-    """Every component running from the installed package with the environment the chart renders."""
+    """Every component running from the installed package with the environment the chart renders.
+
+    The event bus is Kafka (a real Kafka-protocol broker): each pod's embedded event log is its own, so
+    only a shared bus carries the other services' audit events to the audit pod, as in a cluster.
+    """
     tmp_path = tmp_path_factory.mktemp("pods")
     keyrings = {}
-    for service in ("storage", "auth"):
+    for service in KEYRING_SERVICES:
         path = tmp_path / f"{service}-keyring.json"
         Keyring.create(path)
         keyrings[service] = path.read_text()
@@ -356,6 +367,13 @@ def pods(
         "minimal",
         overlay={
             "mongodb": {"uri": mongo_uri},
+            "kafka": {
+                "enabled": True,
+                "bootstrapServers": kafka_bootstrap,
+                "securityProtocol": "PLAINTEXT",
+                "topicPrefix": f"deploy{suffix}.",  # this run's own topics on the session's broker
+                "topicReplicationFactor": 1,  # a single broker
+            },
             "storage": {
                 "keyring": {"keyringJson": keyrings["storage"]},
                 "settings": {"mongodb_database": f"deploy_storage_{suffix}", "sweep_interval_seconds": 3600},
@@ -363,6 +381,10 @@ def pods(
             "auth": {
                 "keyring": {"keyringJson": keyrings["auth"]},
                 "settings": {"mongodb_database": f"deploy_auth_{suffix}"},
+            },
+            "audit": {
+                "keyring": {"keyringJson": keyrings["audit"]},
+                "settings": {"mongodb_database": f"deploy_audit_{suffix}"},
             },
         },
     )
@@ -428,9 +450,8 @@ def test_every_component_serves_from_the_installed_package_with_the_chart_enviro
     gateway = f"http://127.0.0.1:{pods['gateway'].port}"
     system = ChartSystem(gateway, pods["auth"].env)
     operator = bootstrap_admin(system)
-    clinician = create_user(
-        system, operator, create_org(system, operator, "Hospital"), "rad", ["radiologist"]
-    )
+    hospital = create_org(system, operator, "Hospital")
+    clinician = create_user(system, operator, hospital, "rad", ["radiologist"])
     study, series, sop = new_uid(), new_uid(), new_uid()
     body, content_type = encode([ct_instance(study, series, 1, sop_uid=sop)])
     anonymous = httpx.post(
@@ -449,6 +470,41 @@ def test_every_component_serves_from_the_installed_package_with_the_chart_enviro
     )
     assert metadata.status_code == 200, metadata.text
     assert [item["00080018"]["Value"][0] for item in metadata.json()] == [sop]
+
+    # The audit service recorded both accesses: the events crossed the bus from storage's pod to the
+    # audit pod, the patient was resolved at storage with the audit identity, and the records are in
+    # the audit service's MongoDB database, sealed with its keyring.
+    auditor = create_user(system, operator, hospital, "aud", ["auditor"])
+    entries = access_report_with(
+        gateway, auditor.headers, PATIENT_ID, {"pacs.storage.stored", "pacs.storage.retrieved"}
+    )
+    for entry in entries:
+        assert entry["who"]["user"] == clinician.user_id
+        assert entry["studies"] == [study]
+
+
+def access_report_with(
+    gateway: str, headers: dict[str, str], patient_id: str, actions: set[str], timeout: float = 30.0
+) -> list[dict[str, Any]]:
+    """The patient's access report once it holds every one of ``actions`` (polled: audit is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = httpx.post(
+            f"{gateway}/audit/patients/access-report",
+            json={"patient_id": patient_id},
+            headers=headers,
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        entries: list[dict[str, Any]] = response.json()["entries"]
+        seen = {entry["action"] for entry in entries}
+        if actions <= seen:
+            return entries
+        assert time.monotonic() < deadline, (
+            f"the audit service did not record {sorted(actions - seen)} within {timeout:.0f} s "
+            f"(recorded: {sorted(seen)}); the services' events reach the audit pod only over the shared bus"
+        )
+        time.sleep(0.5)
 
 
 @pytest.mark.slow

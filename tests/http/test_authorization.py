@@ -77,6 +77,9 @@ def _routes(s: Study) -> dict[str, tuple[str, str]]:
         "series_metadata": (f"{base}/series/{s.series}/metadata", "application/dicom+json"),
         "instance_metadata": (f"{inst}/metadata", "application/dicom+json"),
         "frames": (f"{inst}/frames/1", "multipart/related; type=application/octet-stream; transfer-syntax=*"),
+        "bulkdata": (f"{inst}/bulkdata/7FE00010", "multipart/related; type=application/octet-stream"),
+        "rendered": (f"{inst}/rendered", "image/jpeg"),
+        "thumbnail": (f"{base}/thumbnail", "image/jpeg"),
     }
 
 

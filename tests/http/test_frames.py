@@ -110,12 +110,15 @@ def test_compressed_frames_as_stored(
         )
         assert r.status_code == 200, (accept, r.text)
         assert [p for _, p in multipart_util.decode(r.content, r.headers["content-type"])] == expected
-    # Native pixels would need decoding: not available yet, so a clear 406.
+    # Native pixels: the frame alone is decoded, laid out as the instance's attributes describe.
     r = _get(
         _frames_url(system, stored, "1"), auth_headers, 'multipart/related; type="application/octet-stream"'
     )
-    assert r.status_code == 406
-    assert "transfer-syntax=*" in r.json()["error"]
+    assert r.status_code == 200, r.text
+    ((part_headers, payload),) = multipart_util.decode(r.content, r.headers["content-type"])
+    assert parse_media_type(part_headers["content-type"]).params["transfer-syntax"] == "1.2.840.10008.1.2.1"
+    first = stored.pixel_array[0] if count > 1 else stored.pixel_array
+    assert payload == first.tobytes()
 
 
 def test_big_endian_frames_are_swapped_to_little_endian(

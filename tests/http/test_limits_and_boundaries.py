@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import os
 import signal
@@ -19,8 +18,7 @@ import pydicom
 import pytest
 
 from embedded.launcher import PORT_OFFSETS, EmbeddedSystem, find_free_base_port
-from pacslib.eventbus import SqliteEventBus
-from pacslib.events import INSTANCE_STORED, TOPIC_INSTANCES, Event
+from pacslib.events import INSTANCE_STORED, TOPIC_INSTANCES
 from scripts.identities import Account, bootstrap_admin, create_org, create_user
 from tests import multipart_util
 from tests.dicom_factory import ct_instance, new_uid
@@ -137,7 +135,8 @@ def test_every_service_is_live_and_ready(system: EmbeddedSystem) -> None:
         assert ready.json()["status"] == "ready"
 
 
-def test_instance_stored_event_is_published_with_the_envelope(system: EmbeddedSystem) -> None:
+def test_instance_stored_event_is_published_with_the_envelope(deployment: Deployment) -> None:
+    system = deployment.system
     blob = ct_instance(new_uid(), new_uid(), 1)
     sop = str(pydicom.dcmread(io.BytesIO(blob)).SOPInstanceUID)
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -148,22 +147,8 @@ def test_instance_stored_event_is_published_with_the_envelope(system: EmbeddedSy
     )
     assert r.status_code == 200
 
-    async def find() -> Event | None:
-        bus = SqliteEventBus(system.state_dir / "events.db")
-        try:
-            group = f"test-{new_uid()}"
-            for _ in range(50):
-                records = await bus.fetch(group, TOPIC_INSTANCES, limit=100_000)
-                for record in records:
-                    event = Event.decode(record.body)
-                    if event.data.get("sop_instance_uid") == sop:
-                        return event
-                await asyncio.sleep(0.1)
-            return None
-        finally:
-            await bus.close()
-
-    event = asyncio.run(find())
+    found = deployment.find_events(TOPIC_INSTANCES, lambda e: e.data.get("sop_instance_uid") == sop)
+    event = found[0] if found else None
     assert event is not None
     assert event.type == INSTANCE_STORED
     assert event.source == "storage"

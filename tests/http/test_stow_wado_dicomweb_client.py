@@ -108,6 +108,8 @@ def test_series_metadata_matches_instances(system: EmbeddedSystem, study: dict[s
     metadata = _client(system).retrieve_series_metadata(str(study["study"]), series[0])
     assert len(metadata) == 3
     for doc in metadata:
+        # Pixel Data is a reference to the bulkdata resource, not inline bytes.
+        assert doc.pop("7FE00010")["BulkDataURI"].endswith("/bulkdata/7FE00010")
         ds = pydicom.Dataset.from_json(doc)
         original = pydicom.dcmread(io.BytesIO(blobs[str(ds.SOPInstanceUID)]))
         assert ds.PatientName == original.PatientName

@@ -11,6 +11,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from embedded.launcher import EmbeddedSystem
+from pacslib.negotiation import parse_media_type
 from tests import multipart_util
 from tests.dicom_factory import ct_instance, new_uid
 from tests.http import api
@@ -102,14 +103,20 @@ def test_metadata_needs_json(system: EmbeddedSystem, stored: dict[str, str | byt
 def test_default_transfer_syntax_omits_what_cannot_be_sent(
     system: EmbeddedSystem, stored: dict[str, str | bytes]
 ) -> None:
+    # The default (Explicit VR Little Endian) converts the JPEG 2000 instance; nothing is omitted.
     r = api.get(
         _url(system, "studies", str(stored["study"])),
         headers={"Accept": 'multipart/related; type="application/dicom"'},
     )
-    assert r.status_code == 206
-    assert "omitted" in r.headers["warning"]
+    assert r.status_code == 200
     parts = multipart_util.decode(r.content, r.headers["content-type"])
-    assert [p for _, p in parts] == [stored["native"]]
+    assert stored["native"] in [p for _, p in parts]
+    syntaxes = {parse_media_type(h["content-type"]).params["transfer-syntax"] for h, _ in parts}
+    assert syntaxes == {"1.2.840.10008.1.2.1"}
+    converted = [pydicom.dcmread(io.BytesIO(p)) for _, p in parts if p != stored["native"]]
+    original = pydicom.dcmread(io.BytesIO(stored["j2k"]))  # type: ignore[arg-type]
+    assert converted[0].file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert (converted[0].pixel_array == original.pixel_array).all()
     j2k_only = api.get(
         _url(system, "studies", str(stored["study"])),
         headers={
@@ -125,18 +132,20 @@ def test_default_transfer_syntax_omits_what_cannot_be_sent(
 def test_instance_that_cannot_be_sent_is_406_with_reason(
     system: EmbeddedSystem, stored: dict[str, str | bytes]
 ) -> None:
-    j2k = pydicom.dcmread(io.BytesIO(stored["j2k"]))  # type: ignore[arg-type]
+    # Converting to JPEG 2000 is not offered: the uncompressed instance cannot be sent that way.
     r = api.get(
         _url(
             system,
             "studies",
             str(stored["study"]),
             "series",
-            str(j2k.SeriesInstanceUID),
+            str(stored["native_series"]),
             "instances",
-            str(j2k.SOPInstanceUID),
+            str(stored["native_sop"]),
         ),
-        headers={"Accept": 'multipart/related; type="application/dicom"'},
+        headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.91'
+        },
     )
     assert r.status_code == 406
     assert "transfer-syntax=*" in r.json()["error"]

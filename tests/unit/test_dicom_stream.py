@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import logging
 import random
+import re
 import struct
 import tracemalloc
 import warnings
@@ -17,6 +18,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels.utils import get_expected_length
@@ -69,34 +71,96 @@ def read(raw: bytes) -> Dataset:
         return pydicom.dcmread(BytesIO(raw))
 
 
-def strip_bulk(element: dict[str, Any], threshold: int) -> dict[str, Any] | None:
-    """Drop inline binaries longer than `threshold` bytes, recursively (the test's own reference)."""
-    inline = element.get("InlineBinary")
-    if inline is not None and len(base64.b64decode(inline)) > threshold:
-        return None
+BULK = "<bulk data>"  # stands for a checked bulk data marker when documents are compared
+MARKER = re.compile(r"pacs-bulk:([0-9A-F]{8}(?:/\d+/[0-9A-F]{8})*);(?:(\d+);(\d+)|(frames))")
+
+
+def _reference_element(element: dict[str, Any], threshold: int, addressable: bool) -> dict[str, Any] | None:
+    """Turn the handler's notes into what ingest should produce: bulk markers or inline values."""
+    note = element.get("BulkDataURI")
+    if isinstance(note, str):
+        size, _, inline = note.partition(":")
+        if int(size) <= threshold:
+            return {"vr": element["vr"], "InlineBinary": inline}
+        return {"vr": element["vr"], "BulkDataURI": BULK} if addressable else None
     if element.get("vr") == "SQ" and "Value" in element:
         items = []
         for item in element["Value"]:
-            kept = {k: s for k, v in item.items() if (s := strip_bulk(v, threshold)) is not None}
+            kept = {
+                k: r
+                for k, v in item.items()
+                if (r := _reference_element(v, threshold, addressable)) is not None
+            }
             items.append(kept)
         return {**element, "Value": items}
     return element
 
 
-def expected_metadata(raw: bytes, threshold: int = 1024) -> dict[str, Any]:
-    """pydicom's own DICOM JSON of the whole instance, minus file meta, pixel data and bulk values."""
+def expected_metadata(raw: bytes, threshold: int = 1024, *, pixel_frames: bool = True) -> dict[str, Any]:
+    """pydicom's own DICOM JSON of the whole instance minus file meta, bulk values as ``BULK`` markers.
+
+    Values of a deflated data set cannot be addressed: they are left out. Encapsulated Pixel Data has
+    a marker only when its frames are indexed (``pixel_frames``).
+    """
     ds = read(raw)
+    addressable = ds.file_meta.TransferSyntaxUID not in (DeflatedExplicitVRLittleEndian,)
+
+    def note(element: DataElement) -> str:
+        return f"{len(element.value)}:{base64.b64encode(element.value).decode()}"
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        document = ds.to_json_dict()
+        document = ds.to_json_dict(0, note)
     out = {}
     for key, element in document.items():
-        if key.startswith("0002") or key in PIXEL_KEYS:
+        if key.startswith("0002"):
             continue
-        kept = strip_bulk(element, threshold)
+        if key in PIXEL_KEYS:
+            encapsulated = ds.file_meta.TransferSyntaxUID.is_encapsulated
+            if addressable and (pixel_frames or not encapsulated):
+                out[key] = {"vr": "OB" if encapsulated else element["vr"], "BulkDataURI": BULK}
+            continue
+        kept = _reference_element(element, threshold, addressable)
         if kept is not None:
             out[key] = kept
     return out
+
+
+def _value_at(ds: Dataset, path: list[str]) -> bytes:
+    """pydicom's value of the element at an element path (tags and item indexes, alternating)."""
+    current: Any = ds
+    for i, step in enumerate(path):
+        current = current[int(step, 16)].value if i % 2 == 0 else current[int(step)]
+    assert isinstance(current, bytes)
+    return current
+
+
+def checked_markers(raw: bytes, result: ParsedInstance) -> dict[str, Any]:
+    """Check every bulk data marker of the metadata against pydicom, and return it with ``BULK`` markers."""
+    ds = read(raw)
+
+    def check(element: dict[str, Any], path: list[str]) -> dict[str, Any]:
+        uri = element.get("BulkDataURI")
+        if uri is not None:
+            match = MARKER.fullmatch(uri)
+            assert match is not None, uri
+            assert match.group(1).split("/") == path
+            if match.group(4):  # encapsulated Pixel Data: served from the frame index
+                assert path == ["7FE00010"]
+                assert result.frames is not None
+            else:
+                offset, length = int(match.group(2)), int(match.group(3))
+                assert raw[offset : offset + length] == _value_at(ds, path)
+            return {**element, "BulkDataURI": BULK}
+        if element.get("vr") == "SQ" and "Value" in element:
+            items = [
+                {k: check(v, [*path, str(index), k]) for k, v in item.items()}
+                for index, item in enumerate(element["Value"])
+            ]
+            return {**element, "Value": items}
+        return element
+
+    return {key: check(element, [key]) for key, element in result.metadata.items()}
 
 
 def expected_frames(raw: bytes) -> list[bytes]:
@@ -301,7 +365,7 @@ def test_matches_pydicom(case: Case, chunk: int | None) -> None:
     assert header.dataset.file_meta.TransferSyntaxUID == ds.file_meta.TransferSyntaxUID
     assert "PixelData" not in header.dataset
     assert result.size == len(raw)
-    assert result.metadata == expected_metadata(raw)
+    assert checked_markers(raw, result) == expected_metadata(raw, pixel_frames=case.indexed)
 
     if case.indexed:
         assert result.frames is not None
@@ -321,7 +385,15 @@ def test_multi_frame_native_offsets_are_offsets_in_the_stream() -> None:
     assert result.frames == [[(first + k * frame_length, frame_length)] for k in range(15)]
 
 
-def test_bulk_threshold_leaves_large_binaries_out_at_any_depth() -> None:
+def _marker_bytes(raw: bytes, uri: str) -> bytes:
+    match = MARKER.fullmatch(uri)
+    assert match is not None, uri
+    assert match.group(2) is not None, uri
+    offset, length = int(match.group(2)), int(match.group(3))
+    return raw[offset : offset + length]
+
+
+def test_large_binaries_become_bulk_data_markers_at_any_depth() -> None:
     ds = identity_dataset()
     ds.add_new(0x00091010, "LO", "ACME")  # private creator
     ds.add_new(0x00091011, "OB", b"\x01" * 2000)
@@ -330,19 +402,58 @@ def test_bulk_threshold_leaves_large_binaries_out_at_any_depth() -> None:
     inner.add_new(0x00091010, "LO", "ACME")
     inner.add_new(0x00091011, "OB", b"\x03" * 2000)
     inner.CodeValue = "121"
-    ds.ContentSequence = [inner]
+    ds.ContentSequence = [Dataset(), inner]
     raw = encode(ds)
 
     small = parse(raw, bulk_threshold=1024).metadata
-    assert "00091011" not in small
+    assert small["00091011"]["vr"] == "OB"
+    assert small["00091011"]["BulkDataURI"].startswith("pacs-bulk:00091011;")
+    assert _marker_bytes(raw, small["00091011"]["BulkDataURI"]) == b"\x01" * 2000
     assert small["00091012"] == {"vr": "OB", "InlineBinary": base64.b64encode(b"\x02" * 10).decode()}
-    nested = small["0040A730"]["Value"][0]
-    assert "00091011" not in nested
+    nested = small["0040A730"]["Value"][1]
+    assert nested["00091011"]["BulkDataURI"].startswith("pacs-bulk:0040A730/1/00091011;")
+    assert _marker_bytes(raw, nested["00091011"]["BulkDataURI"]) == b"\x03" * 2000
     assert nested["00080100"]["Value"] == ["121"]
+    assert "7FE00010" not in small  # no pixel data, no marker
 
     large = parse(raw, bulk_threshold=4096).metadata
     assert base64.b64decode(large["00091011"]["InlineBinary"]) == b"\x01" * 2000
-    assert "00091011" in large["0040A730"]["Value"][0]
+    assert "InlineBinary" in large["0040A730"]["Value"][1]["00091011"]
+
+
+def test_pixel_data_markers_native_encapsulated_and_deflated() -> None:
+    native = image_dataset(4, 4, 2)
+    native.PixelData = bytes(range(32))
+    raw = encode(native)
+    pixel = parse(raw).metadata["7FE00010"]
+    assert pixel["vr"] == "OB"
+    assert _marker_bytes(raw, pixel["BulkDataURI"]) == bytes(range(32))
+
+    encapsulated = image_dataset(4, 4, 2, RLELossless)
+    encapsulated.PixelData = encapsulate([b"\x00" * 6, b"\x01" * 6])
+    result = parse(encode(encapsulated))
+    assert result.frames is not None
+    assert result.metadata["7FE00010"] == {"vr": "OB", "BulkDataURI": "pacs-bulk:7FE00010;frames"}
+
+    deflated = image_dataset(4, 4, 2, DeflatedExplicitVRLittleEndian)
+    deflated.PixelData = bytes(range(32))
+    deflated.add_new(0x00091010, "LO", "ACME")
+    deflated.add_new(0x00091011, "OB", b"\x01" * 2000)
+    metadata = parse(encode(deflated)).metadata
+    assert "7FE00010" not in metadata  # positions in a deflated stream cannot be read by range
+    assert "00091011" not in metadata
+
+
+def test_small_elements_after_pixel_data_can_carry_bulk_markers() -> None:
+    ds = image_dataset(4, 4, 1)
+    trailer = explicit(0xFFFAFFFA, b"SQ", b"", undefined=True) + item(ITEM, 0xFFFFFFFF)
+    trailer += explicit(0x04000120, b"OB", b"\x07" * 2048) + item(ITEM_END, 0) + item(SEQ_END, 0)
+    raw = encode(ds) + explicit(0x7FE00010, b"OB", bytes(16)) + trailer
+    metadata = parse(raw).metadata
+    signature = metadata["FFFAFFFA"]["Value"][0]["04000120"]
+    assert signature["BulkDataURI"].startswith("pacs-bulk:FFFAFFFA/0/04000120;")
+    assert _marker_bytes(raw, signature["BulkDataURI"]) == b"\x07" * 2048
+    assert list(metadata) == sorted(metadata)
 
 
 # ---------------------------------------------------------------------------- header readiness
@@ -601,7 +712,7 @@ def test_nesting_up_to_the_limit_is_parsed() -> None:
     for _ in range(15):
         level = level["0040A730"]["Value"][0]
     assert level["0040A730"]["Value"] == [{}]
-    assert result.metadata == expected_metadata(raw)
+    assert checked_markers(raw, result) == expected_metadata(raw)
 
 
 def test_deep_nesting_is_rejected_while_feeding() -> None:

@@ -25,7 +25,10 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
+from services.storage.adapters.search_rows import RebuiltRow, Survivor, rebuilt_rows
 from services.storage.ports import (
+    DeleteOutcome,
+    Deletion,
     IndexQuery,
     IndexRow,
     InstanceRecord,
@@ -128,6 +131,16 @@ def _record(doc: Mapping[str, Any]) -> InstanceRecord:
         stored_at=doc["stored_at"],
         owner_org=doc.get("owner_org"),
     )
+
+
+def _rebuilt_fields(row: RebuiltRow) -> Document:
+    """The fields a rebuilt study or series row replaces (besides the study row's lists and counts)."""
+    return {
+        "doc_object_id": row.doc_object_id,
+        "doc": row.document,
+        "instance_count": row.instance_count,
+        "t": _tokens(row.tokens),
+    }
 
 
 def _existing_result(existing: InstanceRecord, record: InstanceRecord) -> PutResult:
@@ -309,26 +322,7 @@ class MongoMetadataStore:
             if search is not None:
                 doc.update(await self._add_search_rows(record, search, session))
             await self._instances.insert_one(doc, session=session)
-            if events:
-                counter = await self._counters.find_one_and_update(
-                    {"_id": _OUTBOX_COUNTER},
-                    {"$inc": {"seq": len(events)}},
-                    upsert=True,
-                    return_document=ReturnDocument.AFTER,
-                    session=session,
-                )
-                if counter is None:  # cannot happen with upsert=True
-                    raise RuntimeError("the outbox counter document is missing")
-                first = int(counter["seq"]) - len(events) + 1
-                now = time.time()
-                await self._outbox.insert_many(
-                    [
-                        {"_id": first + index, "topic": topic, "key": key, "body": body, "created_at": now}
-                        for index, (topic, key, body) in enumerate(events)
-                    ],
-                    ordered=True,
-                    session=session,
-                )
+            await self._enqueue(events, session)
             return PutResult(PutOutcome.STORED)
 
         for attempt in range(_PUT_ATTEMPTS):
@@ -344,6 +338,30 @@ class MongoMetadataStore:
                     if attempt == _PUT_ATTEMPTS - 1:
                         raise
         raise AssertionError("unreachable")
+
+    async def _enqueue(self, events: Sequence[tuple[str, str, bytes]], session: AsyncClientSession) -> None:
+        """Add ``events`` to the outbox, numbered from the outbox counter (inside the caller's transaction)."""
+        if not events:
+            return
+        counter = await self._counters.find_one_and_update(
+            {"_id": _OUTBOX_COUNTER},
+            {"$inc": {"seq": len(events)}},
+            upsert=True,
+            return_document=ReturnDocument.AFTER,
+            session=session,
+        )
+        if counter is None:  # cannot happen with upsert=True
+            raise RuntimeError("the outbox counter document is missing")
+        first = int(counter["seq"]) - len(events) + 1
+        now = time.time()
+        await self._outbox.insert_many(
+            [
+                {"_id": first + index, "topic": topic, "key": key, "body": body, "created_at": now}
+                for index, (topic, key, body) in enumerate(events)
+            ],
+            ordered=True,
+            session=session,
+        )
 
     async def _add_search_rows(
         self, record: InstanceRecord, search: SearchEntry, session: AsyncClientSession
@@ -427,6 +445,92 @@ class MongoMetadataStore:
             query["series_uid"] = series_uid
         cursor = self._instances.find(query).sort([("series_uid", ASCENDING), ("_id", ASCENDING)])
         return [_record(doc) async for doc in cursor]
+
+    async def delete_instances(
+        self, deletion: Deletion, events: Sequence[tuple[str, str, bytes]]
+    ) -> DeleteOutcome:
+        """Remove instances, their search rows and data keys, rebuild the study's rows: one transaction."""
+        if self._client is None:
+            raise RuntimeError("the MongoDB metadata store is not open: call init() first")
+        address: Document = {"study_uid": deletion.study_uid}
+        if deletion.series_uid is not None:
+            address["series_uid"] = deletion.series_uid
+        if deletion.sop_uid is not None:
+            address["_id"] = deletion.sop_uid
+
+        async def transaction(session: AsyncClientSession) -> DeleteOutcome:
+            found = await self._instances.find(address, {"object_id": 1, "seq": 1}, session=session).to_list()
+            if not found:
+                return DeleteOutcome.NOT_FOUND
+            if {d["object_id"] for d in found} != deletion.doomed:
+                return DeleteOutcome.CHANGED
+            study_docs = await self._instances.find(
+                {"study_uid": deletion.study_uid},
+                {"object_id": 1, "series_uid": 1, "sop_class_uid": 1, "seq": 1},
+                session=session,
+            ).to_list()
+            before = [
+                Survivor(d["object_id"], d["series_uid"], d["sop_class_uid"])
+                for d in sorted((d for d in study_docs if "seq" in d), key=lambda d: int(d["seq"]))
+            ]
+            after = [s for s in before if s.object_id not in deletion.doomed]
+            if any(s.object_id not in deletion.entries for s in after):
+                return DeleteOutcome.CHANGED
+            await self._instances.delete_many({"_id": {"$in": [d["_id"] for d in found]}}, session=session)
+            await self._objects.delete_many({"_id": {"$in": sorted(deletion.doomed)}}, session=session)
+            removed = {"instance_removed": sum(1 for d in found if "seq" in d)}
+            removed.update(
+                await self._rewrite_search_rows(deletion.study_uid, before, after, deletion, session)
+            )
+            if any(removed.values()):
+                # Gaps in seq numbers now: searches stop taking offsets as seq numbers.
+                await self._counters.update_one({"_id": _SEARCH_COUNTER}, {"$inc": removed}, session=session)
+            await self._enqueue(events, session)
+            return DeleteOutcome.DELETED
+
+        async with self._client.start_session() as session:
+            return await session.with_transaction(transaction)
+
+    async def _rewrite_search_rows(
+        self,
+        study_uid: str,
+        before: Sequence[Survivor],
+        after: Sequence[Survivor],
+        deletion: Deletion,
+        session: AsyncClientSession,
+    ) -> dict[str, int]:
+        """Rebuild (or remove) the study's study and series rows; return how many rows of each were removed."""
+        studies, series = self._level(Level.STUDY), self._level(Level.SERIES)
+        study = await studies.find_one({"_id": study_uid}, {"owner_token": 1}, session=session)
+        if study is None:
+            return {}
+        owner_token = study.get("owner_token")
+        rebuilt = rebuilt_rows(after, deletion.entries, None if owner_token is None else int(owner_token))
+        old_series = {_series_id(study_uid, s.series_uid) for s in before}
+        if rebuilt is None:
+            await studies.delete_one({"_id": study_uid}, session=session)
+            gone = await series.delete_many({"_id": {"$in": sorted(old_series)}}, session=session)
+            return {"study_removed": 1, "series_removed": gone.deleted_count}
+        await studies.update_one(
+            {"_id": study_uid},
+            {
+                "$set": {
+                    **_rebuilt_fields(rebuilt.study),
+                    "series_count": rebuilt.study.series_count,
+                    "modalities": list(rebuilt.study.modalities),
+                    "sop_classes": list(rebuilt.study.sop_classes),
+                }
+            },
+            session=session,
+        )
+        kept = set()
+        for row in rebuilt.series:
+            assert row.series_uid is not None
+            series_id = _series_id(study_uid, row.series_uid)
+            await series.update_one({"_id": series_id}, {"$set": _rebuilt_fields(row)}, session=session)
+            kept.add(series_id)
+        gone = await series.delete_many({"_id": {"$in": sorted(old_series - kept)}}, session=session)
+        return {"series_removed": gone.deleted_count}
 
     # -- search (QIDO-RS) -----------------------------------------------------------------------
     async def search(self, query: IndexQuery) -> list[IndexRow]:

@@ -14,12 +14,15 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
 from pacslib.sqlite_tx import write_transaction
+from services.storage.adapters.search_rows import RebuiltStudy, Survivor, rebuilt_rows
 from services.storage.ports import (
+    DeleteOutcome,
+    Deletion,
     IndexQuery,
     IndexRow,
     InstanceRecord,
@@ -212,7 +215,10 @@ def _merged(items_json: str, item: str | None) -> str:
     return json.dumps(items, separators=(",", ":"))
 
 
-def _chunks(items: Sequence[int], size: int) -> Iterable[Sequence[int]]:
+_Item = TypeVar("_Item")
+
+
+def _chunks(items: Sequence[_Item], size: int) -> Iterable[Sequence[_Item]]:
     for index in range(0, len(items), size):
         yield items[index : index + size]
 
@@ -442,6 +448,68 @@ class SqliteMetadataStore:
             params = (study_uid, series_uid)
         return [_record(row) for row in await self._read(f"{query} ORDER BY series_uid, sop_uid", params)]
 
+    async def delete_instances(
+        self, deletion: Deletion, events: Sequence[tuple[str, str, bytes]]
+    ) -> DeleteOutcome:
+        """Remove instances, their search rows and data keys, rebuild the study's rows: one transaction."""
+        where = "study_uid = ?"
+        params: list[str] = [deletion.study_uid]
+        if deletion.series_uid is not None:
+            where += " AND series_uid = ?"
+            params.append(deletion.series_uid)
+        if deletion.sop_uid is not None:
+            where += " AND sop_uid = ?"
+            params.append(deletion.sop_uid)
+        async with self._transaction() as db:
+            found = list(
+                await db.execute_fetchall(
+                    f"SELECT seq, object_id, searchable FROM instances WHERE {where}", params
+                )
+            )
+            if not found:
+                return DeleteOutcome.NOT_FOUND
+            if {row[1] for row in found} != deletion.doomed:
+                return DeleteOutcome.CHANGED
+            before = [
+                Survivor(row[0], row[1], row[2])
+                for row in await db.execute_fetchall(
+                    "SELECT object_id, series_uid, sop_class_uid FROM instances "
+                    "WHERE study_uid = ? AND searchable = 1 ORDER BY seq",
+                    (deletion.study_uid,),
+                )
+            ]
+            after = [s for s in before if s.object_id not in deletion.doomed]
+            if any(s.object_id not in deletion.entries for s in after):
+                return DeleteOutcome.CHANGED
+            study = list(
+                await db.execute_fetchall(
+                    "SELECT seq, owner_token FROM studies WHERE study_uid = ?", (deletion.study_uid,)
+                )
+            )
+            study_seq, owner_token = (study[0][0], study[0][1]) if study else (None, None)
+            series_seqs: dict[str, int] = {
+                row[0]: row[1]
+                for row in await db.execute_fetchall(
+                    "SELECT series_uid, seq FROM series WHERE study_uid = ?", (deletion.study_uid,)
+                )
+            }
+            searchable_doomed = [(row[0], row[1]) for row in found if row[2]]
+            await _forget_tokens(db, deletion, before, searchable_doomed, study_seq, owner_token, series_seqs)
+            seqs = [row[0] for row in found]
+            for part in _chunks(seqs, _IN_CHUNK):
+                await db.execute(f"DELETE FROM instances WHERE seq IN ({_marks(len(part))})", part)
+            for ids in _chunks(sorted(deletion.doomed), _IN_CHUNK):
+                await db.execute(f"DELETE FROM objects WHERE object_id IN ({_marks(len(ids))})", ids)
+            rebuilt = rebuilt_rows(after, deletion.entries, owner_token)
+            if study_seq is not None:
+                await _rewrite_search_rows(db, deletion.study_uid, study_seq, series_seqs, rebuilt)
+            now = time.time()
+            await db.executemany(
+                "INSERT INTO outbox (topic, key, body, created_at) VALUES (?, ?, ?, ?)",
+                [(topic, key, body, now) for topic, key, body in events],
+            )
+        return DeleteOutcome.DELETED
+
     # -- search (QIDO-RS) -----------------------------------------------------------------------
     async def search(self, query: IndexQuery) -> list[IndexRow]:
         """Rows of ``query.level`` holding a token of every clause, in ``seq`` order, paged."""
@@ -600,4 +668,92 @@ async def _add_search_rows(
     if series is None:
         rows += [(int(Level.SERIES), t, series_seq) for t in series_tokens | owner]
     rows += [(int(Level.INSTANCE), t, instance_seq) for t in search.instance_tokens | owner]
+    await db.executemany("INSERT OR IGNORE INTO qido_tokens (level, token, seq) VALUES (?, ?, ?)", rows)
+
+
+async def _forget_tokens(
+    db: aiosqlite.Connection,
+    deletion: Deletion,
+    before: Sequence[Survivor],
+    searchable_doomed: Sequence[tuple[int, str]],
+    study_seq: int | None,
+    owner_token: int | None,
+    series_seqs: dict[str, int],
+) -> None:
+    """Delete the tokens of the deleted instances' rows and of the study's study and series rows.
+
+    Tokens are keyed by (level, token, seq): with every instance's entry at hand the exact rows are
+    deleted by key. An instance whose entry is missing (its metadata could not be read) leaves only
+    a scan of the level's tokens by seq: slow on a large index, but it lets a damaged instance go.
+    """
+    if all(s.object_id in deletion.entries for s in before):
+        owner = frozenset() if owner_token is None else frozenset({owner_token})
+        keys = [
+            (int(Level.INSTANCE), token, seq)
+            for seq, object_id in searchable_doomed
+            for token in deletion.entries[object_id].instance_tokens | owner
+        ]
+        old = rebuilt_rows(before, deletion.entries, owner_token)
+        if old is not None and study_seq is not None:
+            keys += [(int(Level.STUDY), token, study_seq) for token in old.study.tokens]
+            for row in old.series:
+                if row.series_uid in series_seqs:
+                    keys += [(int(Level.SERIES), token, series_seqs[row.series_uid]) for token in row.tokens]
+        await db.executemany("DELETE FROM qido_tokens WHERE level = ? AND token = ? AND seq = ?", keys)
+        return
+    by_level = {
+        Level.INSTANCE: [seq for seq, _ in searchable_doomed],
+        Level.STUDY: [] if study_seq is None else [study_seq],
+        Level.SERIES: list(series_seqs.values()),
+    }
+    for level, seqs in by_level.items():
+        for part in _chunks(seqs, _IN_CHUNK):
+            await db.execute(
+                f"DELETE FROM qido_tokens WHERE level = ? AND seq IN ({_marks(len(part))})",
+                (int(level), *part),
+            )
+
+
+async def _rewrite_search_rows(
+    db: aiosqlite.Connection,
+    study_uid: str,
+    study_seq: int,
+    series_seqs: dict[str, int],
+    rebuilt: RebuiltStudy | None,
+) -> None:
+    """Replace the study's study and series rows (their old tokens are gone) with ``rebuilt``."""
+    if rebuilt is None:
+        await db.execute("DELETE FROM studies WHERE seq = ?", (study_seq,))
+        await db.execute("DELETE FROM series WHERE study_uid = ?", (study_uid,))
+        return
+    study = rebuilt.study
+    await db.execute(
+        "UPDATE studies SET doc_object_id = ?, doc = ?, series_count = ?, instance_count = ?, "
+        "modalities = ?, sop_classes = ? WHERE seq = ?",
+        (
+            study.doc_object_id,
+            study.document,
+            study.series_count,
+            study.instance_count,
+            json.dumps(list(study.modalities), separators=(",", ":")),
+            json.dumps(list(study.sop_classes), separators=(",", ":")),
+            study_seq,
+        ),
+    )
+    rows = [(int(Level.STUDY), token, study_seq) for token in study.tokens]
+    kept = set()
+    for series in rebuilt.series:
+        assert series.series_uid is not None
+        seq = series_seqs.get(series.series_uid)
+        if seq is None:  # cannot happen: a searchable instance always has its series row
+            raise LookupError("a series with searchable instances has no search row")
+        await db.execute(
+            "UPDATE series SET doc_object_id = ?, doc = ?, instance_count = ? WHERE seq = ?",
+            (series.doc_object_id, series.document, series.instance_count, seq),
+        )
+        rows += [(int(Level.SERIES), token, seq) for token in series.tokens]
+        kept.add(seq)
+    gone = [seq for seq in series_seqs.values() if seq not in kept]
+    for part in _chunks(gone, _IN_CHUNK):
+        await db.execute(f"DELETE FROM series WHERE seq IN ({_marks(len(part))})", part)
     await db.executemany("INSERT OR IGNORE INTO qido_tokens (level, token, seq) VALUES (?, ?, ?)", rows)

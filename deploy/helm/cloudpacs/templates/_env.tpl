@@ -47,6 +47,11 @@ PACS_GATEWAY_BODY_IDLE_TIMEOUT: {{ include "cloudpacs.envValue" $v.gateway.bodyI
 {{- if $v.kafka.caSecret }}
 {{ $p }}KAFKA_SSL_CAFILE: {{ printf "%s/%s" $paths.kafkaCa $v.kafka.caKey | quote }}
 {{- end }}
+{{- /* Every service must use the same topic names (the prefix), so these are release-wide values. */}}
+{{ $p }}KAFKA_TOPIC_PREFIX: {{ $v.kafka.topicPrefix | quote }}
+{{ $p }}KAFKA_TOPIC_PARTITIONS: {{ include "cloudpacs.envValue" $v.kafka.topicPartitions | quote }}
+{{ $p }}KAFKA_TOPIC_REPLICATION_FACTOR: {{ include "cloudpacs.envValue" $v.kafka.topicReplicationFactor | quote }}
+{{ $p }}KAFKA_TOPIC_RETENTION_MS: {{ include "cloudpacs.envValue" $v.kafka.topicRetentionMs | quote }}
 {{- else }}
 {{ $p }}EVENT_BUS: "embedded"
 {{- end }}
@@ -69,8 +74,15 @@ PACS_AUTH_ISSUER: {{ trimSuffix "/" $v.publicUrl | quote }}
 PACS_AUTH_STORE: "mongodb"
 PACS_AUTH_KEYRING_PATH: {{ printf "%s/%s" $paths.keyring $v.auth.keyring.key | quote }}
 PACS_AUTH_CREATE_KEYRING: "false"
+{{- else if eq $c "render" }}
+PACS_RENDER_STORAGE_URL: {{ include "cloudpacs.serviceUrl" (dict "root" $root "component" "storage") | quote }}
+{{- else if eq $c "audit" }}
+PACS_AUDIT_STORE: "mongodb"
+PACS_AUDIT_KEYRING_PATH: {{ printf "%s/%s" $paths.keyring $v.audit.keyring.key | quote }}
+PACS_AUDIT_CREATE_KEYRING: "false"
+PACS_AUDIT_STORAGE_URL: {{ include "cloudpacs.serviceUrl" (dict "root" $root "component" "storage") | quote }}
 {{- end }}
-{{- if and (or (eq $c "storage") (eq $c "auth")) (or $v.trustedCa.configMap $v.trustedCa.secret) }}
+{{- if and (has $c (include "cloudpacs.trustedCaServices" $root | fromJsonArray)) (or $v.trustedCa.configMap $v.trustedCa.secret) }}
 SSL_CERT_FILE: {{ printf "%s/%s" $paths.trustedCa $v.trustedCa.key | quote }}
 {{- end }}
 {{- range $field, $value := $cv.settings }}
@@ -106,7 +118,7 @@ SSL_CERT_FILE: {{ printf "%s/%s" $paths.trustedCa $v.trustedCa.key | quote }}
       name: {{ include "cloudpacs.kafkaSecret" $root }}
       key: {{ $v.kafka.sasl.passwordKey }}
 {{- end }}
-{{- if or (eq $c "storage") (eq $c "auth") }}
+{{- if has $c (include "cloudpacs.mongodbServices" $root | fromJsonArray) }}
 - name: {{ $p }}MONGODB_URI
   valueFrom:
     secretKeyRef:

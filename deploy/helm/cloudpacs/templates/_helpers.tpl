@@ -92,6 +92,38 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- toJson (list "ingest" "storage" "render" "audit") }}
 {{- end }}
 
+{{/* The services with a KEK keyring (<service>.keyring, mounted read-only from a Secret). */}}
+{{- define "cloudpacs.keyringServices" -}}
+{{- toJson (list "storage" "auth" "audit") }}
+{{- end }}
+
+{{/* The services that use the MongoDB replica set (the URI from the MongoDB Secret, each its own database). */}}
+{{- define "cloudpacs.mongodbServices" -}}
+{{- toJson (list "storage" "auth" "audit") }}
+{{- end }}
+
+{{/*
+The services that get trustedCa: storage (its S3 client) and every MongoDB user (a tlsCAFile in the
+shared MongoDB URI must exist in each of their pods).
+*/}}
+{{- define "cloudpacs.trustedCaServices" -}}
+{{- toJson (list "storage" "auth" "audit") }}
+{{- end }}
+
+{{/*
+Components that must run exactly one pod: the audit trail is one hash chain with a single writer, so
+its Deployment has one replica, no autoscaler and the Recreate strategy (no two pods during a rollout).
+*/}}
+{{- define "cloudpacs.singleReplica" -}}
+{{- toJson (list "audit") }}
+{{- end }}
+
+{{/* "true" when a component's Deployment is scaled by a HorizontalPodAutoscaler (args: dict root component). */}}
+{{- define "cloudpacs.autoscaled" -}}
+{{- $cv := index .root.Values .component }}
+{{- if and (not (has .component (include "cloudpacs.singleReplica" .root | fromJsonArray))) $cv.autoscaling $cv.autoscaling.enabled }}true{{ end }}
+{{- end }}
+
 {{- define "cloudpacs.keyringSecret" -}}
 {{- $values := index .root.Values .component }}
 {{- default (printf "%s-%s-keyring" (include "cloudpacs.fullname" .root) .component) $values.keyring.existingSecret }}
@@ -149,11 +181,23 @@ fails the install before anything is created.
 {{- if and (not .Values.mongodb.existingSecret) (not .Values.mongodb.uri) }}
 {{- fail "mongodb: set existingSecret (a Secret holding the MongoDB URI under mongodb.uriKey) or mongodb.uri" }}
 {{- end }}
-{{- range $component := list "storage" "auth" }}
+{{- range $component := include "cloudpacs.keyringServices" . | fromJsonArray }}
 {{- $keyring := (index $.Values $component).keyring }}
-{{- if and (not $keyring.existingSecret) (not $keyring.keyringJson) }}
+{{- if or (not $keyring) (and (not $keyring.existingSecret) (not $keyring.keyringJson)) }}
 {{- fail (printf "%s.keyring: set existingSecret (a Secret holding the KEK keyring file under %s.keyring.key) or keyringJson; see the chart README to create a keyring" $component $component) }}
 {{- end }}
+{{- end }}
+{{- range $component := include "cloudpacs.singleReplica" . | fromJsonArray }}
+{{- $cv := index $.Values $component }}
+{{- if ne (int $cv.replicas) 1 }}
+{{- fail (printf "%s.replicas must be 1: the audit trail is one hash chain with a single writer" $component) }}
+{{- end }}
+{{- if and $cv.autoscaling $cv.autoscaling.enabled }}
+{{- fail (printf "%s.autoscaling cannot be enabled: the audit trail is one hash chain with a single writer" $component) }}
+{{- end }}
+{{- end }}
+{{- if not .Values.kafka.enabled }}
+{{- fail "kafka.enabled must be true: the Kafka event bus carries every access event to the audit service, and without it accesses would go unrecorded" }}
 {{- end }}
 {{- if and .Values.kafka.enabled (eq .Values.kafka.bootstrapServers "") }}
 {{- fail "kafka.bootstrapServers is required when kafka.enabled is true (host:port[,host:port...])" }}

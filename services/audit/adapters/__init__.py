@@ -1,0 +1,1 @@
+"""Adapters of the audit store port: SQLite (embedded) and MongoDB (cluster)."""
