@@ -46,16 +46,6 @@ Writer = Annotated[Principal, Depends(_writer)]
 Admin = Annotated[Principal, Depends(require_principal(_verifier, roles=DELETER_ROLES, kinds=("user",)))]
 
 
-async def ensure_visible(
-    request: Request, principal: Principal, study_uid: str, records: Sequence[InstanceRecord], what: str
-) -> None:
-    """NotFoundError (exactly as for a missing resource) unless ``principal`` may see every record."""
-    checker = access_checker(request)
-    for owner in {r.owner_org for r in records}:
-        if not await checker.may_view(principal, owner, study_uid):
-            raise NotFoundError(f"no such {what}")
-
-
 async def ensure_owned(
     request: Request, principal: Principal, study_uid: str, records: Sequence[InstanceRecord], what: str
 ) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from pacslib.sqlite_tx import write_transaction
+from pacslib.sqlite_tx import connect, create_private_file, write_transaction
 from services.audit.ports import (
     AppendConflict,
     AuditTx,
@@ -36,7 +35,6 @@ from services.audit.ports import (
 )
 
 T = TypeVar("T")
-BUSY_TIMEOUT_MS = 10_000
 GENESIS = "0" * 64
 _MAX_VARS = 500
 
@@ -94,13 +92,6 @@ BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
 """
 
 _RECORD_COLUMNS = "seq, id, time, action, body, hash, mac, phi_kek, phi_key, phi_ct"
-
-
-def _create_private_file(path: Path) -> None:
-    """Create the database file (mode 0600, folder 0700) so SQLite never creates it world-readable."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.close(fd)
 
 
 def _marks(n: int) -> str:
@@ -251,23 +242,12 @@ class SqliteAuditStore:
         return self._path
 
     async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(self._path, isolation_level=None)
-        try:
-            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            await db.execute("PRAGMA synchronous = FULL")
-            if query_only:
-                await db.execute("PRAGMA query_only = ON")
-            else:
-                await db.execute("PRAGMA journal_mode = WAL")
-                await db.execute("PRAGMA secure_delete = ON")
-        except BaseException:
-            await db.close()
-            raise
-        return db
+        # secure_delete: a redacted or rewritten page is overwritten, not left in the free list.
+        return await connect(self._path, query_only=query_only, pragmas=("secure_delete = ON",))
 
     async def init(self) -> None:
         if self._writer is None:
-            await asyncio.to_thread(_create_private_file, self._path)
+            await asyncio.to_thread(create_private_file, self._path)
             self._writer = await self._connect(query_only=False)
             await self._writer.executescript(_SCHEMA)
         if self._reader is None:

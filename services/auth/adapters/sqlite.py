@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -20,7 +19,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from pacslib.sqlite_tx import write_transaction
+from pacslib.sqlite_tx import connect, create_private_file, write_transaction
 from services.auth.ports import (
     COLLECTIONS,
     Cond,
@@ -35,7 +34,6 @@ from services.auth.ports import (
 )
 
 T = TypeVar("T")
-BUSY_TIMEOUT_MS = 10_000
 _OPS = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}
 
 
@@ -101,13 +99,6 @@ def _where_sql(where: Where) -> tuple[str, list[Any]]:
 
 def _encode(doc: Mapping[str, Any]) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
-def _create_private_file(path: Path) -> None:
-    """Create the database file (mode 0600, folder 0700) so SQLite never creates it world-readable."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.close(fd)
 
 
 async def _find(
@@ -216,23 +207,12 @@ class SqliteAuthStore:
         return self._path
 
     async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(self._path, isolation_level=None)
-        try:
-            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            await db.execute("PRAGMA synchronous = FULL")
-            if query_only:
-                await db.execute("PRAGMA query_only = ON")
-            else:
-                await db.execute("PRAGMA journal_mode = WAL")
-        except BaseException:
-            await db.close()
-            raise
-        return db
+        return await connect(self._path, query_only=query_only, pragmas=())
 
     async def init(self) -> None:
         """Create the file (0600), the tables and the indexes (idempotent)."""
         if self._writer is None:
-            await asyncio.to_thread(_create_private_file, self._path)
+            await asyncio.to_thread(create_private_file, self._path)
             self._writer = await self._connect(query_only=False)
             await self._writer.executescript(_schema())
         if self._reader is None:

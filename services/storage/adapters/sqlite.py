@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from pacslib.sqlite_tx import write_transaction
+from pacslib.sqlite_tx import connect, create_private_file, write_transaction
 from services.storage.adapters.search_rows import RebuiltStudy, Survivor, rebuilt_rows
 from services.storage.ports import (
     DeleteOutcome,
@@ -36,7 +35,6 @@ from services.storage.ports import (
     driving_clause,
 )
 
-BUSY_TIMEOUT_MS = 10_000
 _IN_CHUNK = 500  # host parameters per "IN (...)" list, far below SQLite's limit
 SCHEMA_VERSION = 2
 MAX_QUERY_TOKENS = 30_000  # host parameters in one search, below SQLite's limit of 32766
@@ -223,13 +221,6 @@ def _chunks(items: Sequence[_Item], size: int) -> Iterable[Sequence[_Item]]:
         yield items[index : index + size]
 
 
-def _create_private_file(path: Path) -> None:
-    """Create the database file (mode 0600, folder 0700) so SQLite never creates it world-readable."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    os.close(fd)
-
-
 class SqliteMetadataStore:
     """MetadataStore on one SQLite file: a writer connection (one transaction at a time) and a reader.
 
@@ -244,24 +235,12 @@ class SqliteMetadataStore:
         self._write_lock = asyncio.Lock()
 
     async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(self._path, isolation_level=None)
-        try:
-            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            await db.execute("PRAGMA foreign_keys = ON")
-            await db.execute("PRAGMA synchronous = FULL")  # an acknowledged store survives power loss
-            if query_only:
-                await db.execute("PRAGMA query_only = ON")
-            else:
-                await db.execute("PRAGMA journal_mode = WAL")
-        except BaseException:
-            await db.close()
-            raise
-        return db
+        return await connect(self._path, query_only=query_only, pragmas=("foreign_keys = ON",))
 
     async def init(self) -> None:
         """Create the file (0600), the tables and the indexes (idempotent)."""
         if self._writer is None:
-            await asyncio.to_thread(_create_private_file, self._path)
+            await asyncio.to_thread(create_private_file, self._path)
             writer = await self._connect(query_only=False)
             try:
                 await _check_schema_version(writer, self._path)
