@@ -10,17 +10,14 @@ the record MACs and the signed checkpoints are for.
 # ruff: noqa: S608  # SQL is assembled from constant fragments only; every value is bound
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import aiosqlite
 
-from pacslib.sqlite_tx import connect, create_private_file, write_transaction
+from pacslib.sqlite_tx import SqliteFile
 from services.audit.ports import (
     AppendConflict,
     AuditTx,
@@ -227,55 +224,16 @@ class _SqliteTx:
             return [_pending(row) async for row in cur]
 
 
-class SqliteAuditStore:
+class SqliteAuditStore(SqliteFile):
     """AuditStore on one SQLite file: a writer connection (one transaction at a time) and a reader."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
-
-    @property
-    def path(self) -> Path:
-        """The database file."""
-        return self._path
-
-    async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
-        # secure_delete: a redacted or rewritten page is overwritten, not left in the free list.
-        return await connect(self._path, query_only=query_only, pragmas=("secure_delete = ON",))
+    NAME = "SQLite audit store"
+    # secure_delete: a redacted or rewritten page is overwritten, not left in the free list.
+    PRAGMAS = ("secure_delete = ON",)
 
     async def init(self) -> None:
-        if self._writer is None:
-            await asyncio.to_thread(create_private_file, self._path)
-            self._writer = await self._connect(query_only=False)
-            await self._writer.executescript(_SCHEMA)
-        if self._reader is None:
-            self._reader = await self._connect(query_only=True)
-
-    def _read_db(self) -> aiosqlite.Connection:
-        if self._reader is None:
-            raise RuntimeError("the SQLite audit store is not open: call init() first")
-        return self._reader
-
-    async def ping(self) -> None:
-        await self._read_db().execute("SELECT 1")
-
-    async def close(self) -> None:
-        writer, reader = self._writer, self._reader
-        self._writer = self._reader = None
-        if reader is not None:
-            await reader.close()
-        if writer is not None:
-            async with self._write_lock:
-                await writer.close()
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        if self._writer is None:
-            raise RuntimeError("the SQLite audit store is not open: call init() first")
-        async with write_transaction(self._writer, self._write_lock) as db:
-            yield db
+        """Create the file (0600), the tables and the indexes (idempotent)."""
+        await self._open(_SCHEMA)
 
     async def transact(self, work: Callable[[AuditTx], Awaitable[T]]) -> T:
         async with self._transaction() as db:

@@ -8,18 +8,15 @@ from ``services.auth.ports.COLLECTIONS`` and validated field names; values are a
 # ruff: noqa: S608  # table and field names come from COLLECTIONS / check_field only; values are bound
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import aiosqlite
 
-from pacslib.sqlite_tx import connect, create_private_file, write_transaction
+from pacslib.sqlite_tx import SqliteFile
 from services.auth.ports import (
     COLLECTIONS,
     Cond,
@@ -192,48 +189,14 @@ class _SqliteTx:
         )
 
 
-class SqliteAuthStore:
+class SqliteAuthStore(SqliteFile):
     """AuthStore on one SQLite file: a writer connection (one transaction at a time) and a reader."""
 
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
-        self._write_lock = asyncio.Lock()
-
-    @property
-    def path(self) -> Path:
-        """The database file."""
-        return self._path
-
-    async def _connect(self, *, query_only: bool) -> aiosqlite.Connection:
-        return await connect(self._path, query_only=query_only, pragmas=())
+    NAME = "SQLite auth store"
 
     async def init(self) -> None:
         """Create the file (0600), the tables and the indexes (idempotent)."""
-        if self._writer is None:
-            await asyncio.to_thread(create_private_file, self._path)
-            self._writer = await self._connect(query_only=False)
-            await self._writer.executescript(_schema())
-        if self._reader is None:
-            self._reader = await self._connect(query_only=True)
-
-    def _read_db(self) -> aiosqlite.Connection:
-        if self._reader is None:
-            raise RuntimeError("the SQLite auth store is not open: call init() first")
-        return self._reader
-
-    async def ping(self) -> None:
-        await self._read_db().execute("SELECT 1")
-
-    async def close(self) -> None:
-        writer, reader = self._writer, self._reader
-        self._writer = self._reader = None
-        if reader is not None:
-            await reader.close()
-        if writer is not None:
-            async with self._write_lock:
-                await writer.close()
+        await self._open(_schema())
 
     async def get(self, collection: str, doc_id: str) -> Doc | None:
         return await _get(self._read_db(), collection, doc_id)
@@ -248,13 +211,6 @@ class SqliteAuthStore:
         limit: int | None = None,
     ) -> list[Doc]:
         return await _find(self._read_db(), collection, where, order_by, descending, limit)
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        if self._writer is None:
-            raise RuntimeError("the SQLite auth store is not open: call init() first")
-        async with write_transaction(self._writer, self._write_lock) as db:
-            yield db
 
     async def transact(self, work: Callable[[Tx], Awaitable[T]]) -> T:
         async with self._transaction() as db:
