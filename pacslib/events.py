@@ -17,6 +17,7 @@ ENVELOPE_VERSION = "1"
 # Topics (Kafka topic names in cluster mode; streams of the embedded log).
 TOPIC_INSTANCES = "pacs.instances"
 TOPIC_AUDIT = "pacs.audit"  # security and access events, consumed by the audit service
+TOPIC_ALERTS = "pacs.alerts"  # alerts the audit service raises (break-glass, mass viewing, ...)
 
 # Event types.
 INSTANCE_STORED = "pacs.instance.stored"

@@ -308,6 +308,23 @@ def _keyring(service: str) -> dict[str, Any]:
     )
 
 
+def _siem() -> dict[str, Any]:
+    """Files and egress of the audit service's SIEM export (turned on by its syslog_* settings)."""
+    return _obj(
+        {
+            "caConfigMap": {**_SECRET_NAME, "description": "ConfigMap with the collector's CA bundle."},
+            "caSecret": {**_SECRET_NAME, "description": "Secret with the collector's CA bundle."},
+            "caKey": {**_KEY, "description": "Key of the CA bundle in the ConfigMap or Secret."},
+            "clientCertSecret": {
+                **_SECRET_NAME,
+                "description": "kubernetes.io/tls Secret: client certificate for mutual TLS (optional).",
+            },
+            "to": _PEERS,
+        },
+        description="SIEM export: the syslog collector's CA, an optional client certificate, the egress.",
+    )
+
+
 def _component(service: str | None) -> dict[str, Any]:
     """Schema of one component's block (``service`` None: the gateway)."""
     single = service in SINGLE_REPLICA
@@ -373,6 +390,8 @@ def _component(service: str | None) -> dict[str, Any]:
         if service in KEYRING_SERVICES:
             properties["keyring"] = _keyring(service)
             required.append("keyring")
+        if service == "audit":
+            properties["siem"] = _siem()
     return _obj(properties, required)
 
 

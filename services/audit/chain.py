@@ -17,6 +17,10 @@ the service did not write, between two that still chain), *deleted* (a gap in th
 records after the last checkpointed one missing), *reordered* (a record stored at another position than
 the one it was written at), *rewritten* (the chain no longer matches a signed checkpoint) and
 *checkpoint* (a checkpoint whose signature does not verify).
+
+After retention deleted the oldest records, a signed truncation anchor (``retention``) says which record
+the log now starts after and what its hash was; ``start_after`` begins the walk there, so a record
+removed anywhere after it is still a gap.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class VerifyReport:
     records: int = 0
     checkpoints: int = 0
     redacted: int = 0
+    truncated_seq: int = 0  # retention deleted the records up to this seq (0: the log starts at seq 1)
     head_seq: int = 0
     head_hash: str = GENESIS
     checkpointed_seq: int = 0
@@ -120,6 +125,7 @@ class VerifyReport:
             "records": self.records,
             "checkpoints": self.checkpoints,
             "redacted": self.redacted,
+            "truncated_at": self.truncated_seq or None,
             "head": {"seq": self.head_seq, "hash": self.head_hash},
             "checkpointed_seq": self.checkpointed_seq,
             "unsigned_records": max(self.head_seq - self.checkpointed_seq, 0),
@@ -154,6 +160,29 @@ class ChainVerifier:
         if len(self.report.problems) < MAX_PROBLEMS:
             self.report.problems.append(Problem(kind, seq, record_id, detail))
 
+    def start_after(self, seq: int, record_hash: str) -> None:
+        """Begin the chain after record ``seq`` of hash ``record_hash`` (a signed truncation anchor).
+
+        Call before the first record: the records up to ``seq`` were deleted by retention, and the first
+        record left must be ``seq + 1`` and chain to ``record_hash``.
+        """
+        self._prev_seq, self._prev_hash = seq, record_hash
+        self.report.truncated_seq = seq
+        self.report.head_seq, self.report.head_hash = seq, record_hash
+
+    def bad_anchor(self, seq: int) -> None:
+        """A truncation anchor whose signature does not verify (it authorizes nothing)."""
+        self._problem("checkpoint", seq, None, "the truncation anchor's signature does not verify")
+
+    def leftover(self, record: StoredRecord, truncated_seq: int) -> None:
+        """A record at or before the truncation point: retention deleted those, so someone put it back."""
+        self._problem(
+            "inserted",
+            record.seq,
+            record.id,
+            f"it sits at or before the truncation point (seq {truncated_seq}), whose records retention deleted",
+        )
+
     def add_checkpoint(self, checkpoint: StoredCheckpoint) -> None:
         """Check a checkpoint's signature; remember what it signed for the record it names."""
         self.report.checkpoints += 1
@@ -182,6 +211,13 @@ class ChainVerifier:
             self._check(*self._held, following=None)
             self._held = None
         last = self.report.head_seq
+        if self.report.truncated_seq and not self.report.records:
+            self._problem(
+                "deleted",
+                last + 1,
+                None,
+                f"no record is left after the truncation at seq {last}, but retention always keeps the last one",
+            )
         beyond = [seq for seq in self._signed if seq > last]
         if beyond:
             self._problem(

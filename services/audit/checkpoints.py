@@ -5,6 +5,10 @@ the signature is Ed25519 over ``"cloudpacs/audit-checkpoint/v1\\0" || body``. ``
 bytes (hex) of SHA-256 of the raw public key. With the public key (``GET /audit/checkpoints/public-key``)
 anyone can check that the chain up to a checkpoint is the one the service signed: the hash of record N
 commits to every record before it.
+
+A truncation anchor (``sign_truncation``, written by retention) has the same form plus ``"kind":
+"truncation"``, the number of records deleted and the operator organizations carried forward, signed over ``"cloudpacs/audit-truncation/v1\\0" ||
+body``: verify starts the chain after the latest valid one.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +32,7 @@ from services.audit.records import canonical, utc_text
 
 CHECKPOINT_VERSION = 1
 SIGNING_LABEL = b"cloudpacs/audit-checkpoint/v1\x00"
+TRUNCATION_LABEL = b"cloudpacs/audit-truncation/v1\x00"
 
 log = logging.getLogger("pacs.audit.checkpoints")
 
@@ -72,6 +77,59 @@ def open_checkpoint(
         return None
     record_hash = body.get("hash")
     return (checkpoint.seq, record_hash) if isinstance(record_hash, str) else None
+
+
+def sign_truncation(
+    signing_key: Ed25519PrivateKey,
+    seq: int,
+    record_hash: str,
+    now: datetime,
+    deleted: int,
+    operator_orgs: Sequence[str] = (),
+) -> StoredCheckpoint:
+    """A truncation anchor: "retention deleted the log up to record ``seq``, whose hash was ``record_hash``".
+
+    Signed under its own label, so an ordinary checkpoint can never be passed off as one (which would
+    let someone with write access cut the log at any checkpoint). ``operator_orgs``: the operator
+    organizations whose creation records are among the deleted ones (``scope`` still needs them).
+    """
+    kid = key_id(signing_key.public_key())
+    body = canonical(
+        {
+            "v": CHECKPOINT_VERSION,
+            "kind": "truncation",
+            "seq": seq,
+            "hash": record_hash,
+            "time": utc_text(now),
+            "key_id": kid,
+            "deleted": deleted,
+            "operator_orgs": sorted(set(operator_orgs)),
+        }
+    ).decode()
+    return StoredCheckpoint(seq, body, signing_key.sign(TRUNCATION_LABEL + body.encode()), kid)
+
+
+def open_truncation(
+    anchor: StoredCheckpoint, public_keys: Mapping[str, Ed25519PublicKey]
+) -> tuple[int, str] | None:
+    """``(seq, hash)`` a truncation anchor signed, or None when its signature or body does not hold up."""
+    key = public_keys.get(anchor.key_id)
+    if key is None:
+        return None
+    try:
+        key.verify(anchor.signature, TRUNCATION_LABEL + anchor.body.encode())
+        body = json.loads(anchor.body)
+    except (InvalidSignature, ValueError):
+        return None
+    if (
+        not isinstance(body, dict)
+        or body.get("kind") != "truncation"
+        or body.get("key_id") != anchor.key_id
+        or body.get("seq") != anchor.seq
+    ):
+        return None
+    record_hash = body.get("hash")
+    return (anchor.seq, record_hash) if isinstance(record_hash, str) else None
 
 
 def checkpoint_json(checkpoint: StoredCheckpoint) -> dict[str, Any]:

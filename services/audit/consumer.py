@@ -55,6 +55,8 @@ class AuditConsumer:
         self._retry = retry
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        # Called after records were appended (the SIEM export feeds them from the chain).
+        self.on_append: Callable[[], None] | None = None
 
     async def consume_once(self) -> int:
         """Append one batch and commit it; with nothing to read, close due aggregates. Return records read."""
@@ -62,8 +64,8 @@ class AuditConsumer:
         now = self._clock()
         if not records:
             due = await self._store.earliest_pending()
-            if due is not None and due <= utc_text(now):
-                await self._appender.flush(now)
+            if due is not None and due <= utc_text(now) and await self._appender.flush(now):
+                self._appended()
             return 0
         batch: list[Normalized] = []
         for record in records:
@@ -80,9 +82,15 @@ class AuditConsumer:
                 batch.append(malformed(record.topic, record.partition, record.offset, record.body, now))
         drafts = await self._builder.build(batch)
         watermark = min(max(parse_utc(d.when.time) for d in drafts), now)
-        await self._appender.write(drafts, watermark=watermark)
+        appended = await self._appender.write(drafts, watermark=watermark)
         await self._bus.commit(GROUP, records)
+        if appended:
+            self._appended()
         return len(records)
+
+    def _appended(self) -> None:
+        if self.on_append is not None:
+            self.on_append()
 
     async def drain(self) -> int:
         """Consume until the topic has nothing more to hand out; return how many records were read."""

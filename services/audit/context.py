@@ -16,6 +16,7 @@ from services.audit.drafts import DraftBuilder
 from services.audit.keys import AuditKeys, load_keys
 from services.audit.patients import PatientResolver, StorageLookup
 from services.audit.ports import AuditStore
+from services.audit.reasons import AuthReasonLookup, ReasonResolver
 from services.audit.scope import OperatorOrgs
 from services.audit.settings import AuditSettings
 
@@ -29,6 +30,7 @@ class AuditContext:
     keyring: Keyring
     keys: AuditKeys
     resolver: PatientResolver
+    reasons: ReasonResolver
     consumer: AuditConsumer
     checkpointer: Checkpointer
     operators: OperatorOrgs
@@ -46,6 +48,7 @@ class AuditContext:
         except Exception as exc:
             log.warning("the final checkpoint failed: %s", type(exc).__name__)
         await self.resolver.close()
+        await self.reasons.close()
         await self.store.close()
 
 
@@ -87,10 +90,21 @@ async def open_context(settings: AuditSettings, bus: EventBus) -> AuditContext:
         else None
     )
     resolver = PatientResolver(source, store, keyring, cache_seconds=settings.patient_cache_seconds)
+    # Break-glass reasons are asked of auth with the same identity (records keep them sealed).
+    reasons = ReasonResolver(
+        AuthReasonLookup(settings.auth_url, tokens, timeout=settings.storage_timeout)
+        if tokens is not None
+        else None,
+        cache_seconds=settings.patient_cache_seconds,
+    )
     appender = Appender(store, keys.mac_key, window_seconds=settings.aggregation_window_seconds)
     consumer = AuditConsumer(
-        bus, store, DraftBuilder(keyring, keys.index, resolver), appender, batch=settings.consumer_batch
+        bus,
+        store,
+        DraftBuilder(keyring, keys.index, resolver, reasons),
+        appender,
+        batch=settings.consumer_batch,
     )
     checkpointer = Checkpointer(store, keys.signing_key, settings.checkpoint_interval_seconds)
     operators = OperatorOrgs(store, settings.operator_org_ids())
-    return AuditContext(settings, store, keyring, keys, resolver, consumer, checkpointer, operators)
+    return AuditContext(settings, store, keyring, keys, resolver, reasons, consumer, checkpointer, operators)

@@ -8,19 +8,30 @@ from pacslib.keyring import KeyWrapper
 from services.audit import phi
 from services.audit.patients import PatientResolver
 from services.audit.phi import Patient, PatientIndex
+from services.audit.reasons import ReasonResolver
 from services.audit.records import Draft, Normalized
 
 
 class DraftBuilder:
-    """Resolves the patients of a batch's studies in one go and seals each record's sensitive part."""
+    """Resolves the patients of a batch's studies (and the stated reasons of its break-glass records)
+    in one go and seals each record's sensitive part."""
 
-    def __init__(self, keyring: KeyWrapper, index: PatientIndex, resolver: PatientResolver) -> None:
+    def __init__(
+        self,
+        keyring: KeyWrapper,
+        index: PatientIndex,
+        resolver: PatientResolver,
+        reasons: ReasonResolver | None = None,
+    ) -> None:
         self._keyring = keyring
         self._index = index
         self._resolver = resolver
+        self._reasons = reasons
 
     async def build(self, batch: Sequence[Normalized]) -> list[Draft]:
-        """Drafts of ``batch``, in order; ServiceUnavailableError when storage cannot be asked now."""
+        """Drafts of ``batch``, in order; ServiceUnavailableError when storage or auth cannot be asked now."""
+        if self._reasons is not None:
+            batch = await self._reasons.attach(batch)
         patients = await self._resolver.resolve(s for n in batch for s in n.draft.which.studies)
         return [self.seal(n, patients) for n in batch]
 

@@ -5,6 +5,11 @@ sealed (``StoredRecord``: canonical body text, hash, MAC, sealed patient identit
 byte. Appending happens inside ``transact``, which runs its work atomically (retried by the adapter on
 transient conflicts); two writers racing for the same sequence number get ``AppendConflict`` and the
 caller retries with a fresh head. Both adapters pass ``tests/audit/test_store_contract.py``.
+
+Two exceptions to "kept byte for byte", both for retention (``services.audit.retention``): ``redact``
+drops a record's sealed part and patient tokens (the body, which covers them by digest, stays), and
+``truncate`` deletes a prefix of the chain together with storing its signed anchor. ``marks`` and
+alert states are the alert jobs' small mutable state (``services.audit.alerts``).
 """
 
 from __future__ import annotations
@@ -119,6 +124,18 @@ class Pending:
 
 
 @dataclass(frozen=True, slots=True)
+class AlertState:
+    """The window state of one alert rule for one key (a user, an account, an address), as JSON text.
+
+    ``expires`` (UTC text): after it the state says nothing any more and may be pruned.
+    """
+
+    key: str
+    expires: str
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
 class TermClause:
     """The record has at least one of ``values`` among its terms of ``kind``."""
 
@@ -165,6 +182,22 @@ class AuditTx(Protocol):
         """Open aggregates whose window ended at or before ``now``, oldest window first."""
         ...
 
+    async def get_mark(self, name: str) -> int | None:
+        """A named position in the chain (how far a job got), or None when never set."""
+        ...
+
+    async def set_mark(self, name: str, seq: int) -> None: ...
+
+    async def get_alert_states(self, keys: Sequence[str]) -> dict[str, AlertState]: ...
+
+    async def put_alert_state(self, state: AlertState) -> None:
+        """Create or replace the state ``state.key``."""
+        ...
+
+    async def prune_alert_states(self, expired_before: str) -> int:
+        """Delete states whose ``expires`` is before ``expired_before``; return how many."""
+        ...
+
 
 class AuditStore(Protocol):
     """Append-only audit records, their checkpoints and the service's wrapped keys."""
@@ -183,8 +216,10 @@ class AuditStore(Protocol):
 
     async def head(self) -> ChainHead: ...
 
-    async def records_after(self, seq: int, limit: int) -> list[StoredRecord]:
-        """Records with a sequence number above ``seq``, in sequence order."""
+    async def records_after(
+        self, seq: int, limit: int, *, action_prefix: str | None = None
+    ) -> list[StoredRecord]:
+        """Records with a sequence number above ``seq`` (and an action starting so), in sequence order."""
         ...
 
     async def event_ids_at(self, seq: int) -> list[str]:
@@ -227,4 +262,33 @@ class AuditStore(Protocol):
 
     async def replace_sealed_key(self, seq: int, old: SealedPhi, kek_id: str, wrapped_key: bytes) -> bool:
         """Re-wrap a record's data key (never its ciphertext, which the chain covers); False if it changed."""
+        ...
+
+    async def get_mark(self, name: str) -> int | None:
+        """A named position in the chain (how far a job got), or None when never set."""
+        ...
+
+    async def sealed_before(self, time: str, limit: int) -> list[StoredRecord]:
+        """Records of a time before ``time`` that still hold a sealed part, oldest first."""
+        ...
+
+    async def redact(self, items: Sequence[tuple[int, bytes]]) -> int:
+        """Drop the sealed part and patient tokens of records (seq, their current ciphertext).
+
+        The body (and its ``phi_digest``) stays. A record whose ciphertext is not the given one any
+        more is left alone. Return how many records were redacted.
+        """
+        ...
+
+    async def truncation_anchors(self) -> list[StoredCheckpoint]:
+        """Every signed truncation anchor ("the log was cut after seq N, whose hash is H"), by seq."""
+        ...
+
+    async def truncate(self, anchor: StoredCheckpoint, expected_hash: str) -> int | None:
+        """Store ``anchor`` and delete every record (and its terms and event ids) up to ``anchor.seq``.
+
+        One transaction. None (and nothing changed) when record ``anchor.seq`` is missing, its hash is
+        not ``expected_hash``, it is the head (the last record is never deleted: the chain goes on from
+        it), or an anchor of that seq exists. Otherwise return how many records were deleted.
+        """
         ...

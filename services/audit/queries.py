@@ -20,7 +20,7 @@ from services.audit import phi
 from services.audit.chain import parse_body
 from services.audit.phi import PatientIndex, normalize_patient_id
 from services.audit.ports import AuditStore, RecordQuery, StoredRecord, TermClause
-from services.audit.records import RecordBody, utc_text
+from services.audit.records import STATED_REASON, RecordBody, utc_text
 from services.audit.scope import Scope
 
 log = logging.getLogger("pacs.audit.queries")
@@ -142,6 +142,7 @@ def record_json(
     """A record as the API shows it; ``with_sealed``: its patients and other sealed fields decrypted."""
     out: dict[str, Any] = {"seq": record.seq, **body.model_dump(mode="json", exclude={"v", "seq", "prev"})}
     out.pop("phi_digest", None)
+    out["redacted"] = record.phi is None and body.phi_digest is not None  # retention dropped its sealed part
     if not with_sealed or keyring is None:
         return out
     if record.phi is None:
@@ -158,7 +159,17 @@ def record_json(
     out["patients"] = [p.to_json() for p in opened.patients]
     out["extra"] = opened.extra
     out["sealed"] = "open"
+    if STATED_REASON in opened.extra:  # a break-glass reason, shown where an auditor looks for it
+        out["why"] = {**out["why"], STATED_REASON: opened.extra[STATED_REASON]}
     return out
+
+
+def _why(body: RecordBody, opened: phi.Opened) -> dict[str, Any]:
+    """A record's ``why``, with the stated reason of a break-glass access when the record holds one."""
+    why = body.why.model_dump(mode="json")
+    if STATED_REASON in opened.extra:
+        why[STATED_REASON] = opened.extra[STATED_REASON]
+    return why
 
 
 async def search_events(
@@ -237,7 +248,7 @@ async def access_report(
                 "studies": studies,
                 "series_uid": body.which.series_uid,
                 "sop_uid": body.which.sop_uid,
-                "why": body.why.model_dump(mode="json"),
+                "why": _why(body, opened),
                 "where": body.where.model_dump(mode="json"),
             }
         )

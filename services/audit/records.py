@@ -63,17 +63,23 @@ CLEAR_DETAILS = frozenset(
         "new_roles",
         "not_modified",
         "old_roles",
+        "previous_key_id",
         "redirect_uris",
         "remaining",
         "results",
         "retired",
         "review_status",
+        "rewrapped",
         "roles",
         "session_id",
         "token_id",
         "transfer_syntax",
     }
 )
+# Purposes of an access made through a grant of one study: the grant's id goes into ``why``.
+GRANT_PURPOSES = frozenset({"share", "break_glass"})
+# The sealed field that holds a break-glass grant's stated reason (see services.audit.reasons).
+STATED_REASON = "stated_reason"
 # Event fields the normalizer maps into the record's own fields.
 _MAPPED = frozenset(
     {
@@ -162,10 +168,12 @@ class When(_Part):
 
 
 class Why(_Part):
-    """Why: the access path or purpose (organization, share, break_glass) and a reason code."""
+    """Why: the access path or purpose (organization, share, break_glass), a reason code, and the grant
+    the access went through (a share or break-glass of one study; its stated reason is sealed)."""
 
     purpose: str | None = None
     reason: str | None = None
+    grant_id: str | None = None
 
 
 class Where(_Part):
@@ -346,6 +354,8 @@ def normalize(event: Event) -> Normalized:
     """Map an event envelope onto the record fields; unknown or free-text fields go to ``extra``."""
     data = dict(event.data)
     extra: dict[str, Any] = {k: v for k, v in data.items() if k not in _MAPPED and k not in CLEAR_DETAILS}
+    if STATED_REASON in extra:  # only auth's answer fills that field (services.audit.reasons)
+        extra[f"event_{STATED_REASON}"] = extra.pop(STATED_REASON)
     details: dict[str, Any] = {}
     for key in CLEAR_DETAILS & data.keys():
         if _clear_value(data[key]):
@@ -400,7 +410,12 @@ def normalize(event: Event) -> Normalized:
         if isinstance(status, int) and not isinstance(status, bool) and 100 <= status < 600
         else None,
     )
-    why = Why(purpose=_code(data.get("via")) or _code(data.get("purpose")), reason=_code(reason))
+    purpose = _code(data.get("via")) or _code(data.get("purpose"))
+    why = Why(
+        purpose=purpose,
+        reason=_code(reason),
+        grant_id=_text_or_none(data.get("grant_id"), 64) if purpose in GRANT_PURPOSES else None,
+    )
     trace = _TRACEPARENT.fullmatch(event.traceparent or "")
     where = Where(
         service=_code(event.source),

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from pacslib.tokens import Principal, TokenVerifier, require_principal
+from services.audit.alerts import alert_verification
 from services.audit.checkpoints import checkpoint_json, public_key_document
 from services.audit.context import AuditContext
 from services.audit.queries import (
@@ -195,6 +196,8 @@ async def get_verify(request: Request, _: Auditor) -> JSONResponse:
     """Verify the whole log: the first altered, inserted or deleted record, by sequence number and id."""
     ctx = _ctx(request)
     report = await verify_store(ctx.store, ctx.keys)
+    if ctx.settings.alerts_enabled:  # a failure is a verify_failed alert (once per distinct failure a day)
+        await alert_verification(ctx.store, ctx.keys.mac_key, report)
     latest = await ctx.store.latest_checkpoint()
     body = report.to_json()
     body["latest_checkpoint"] = checkpoint_json(latest) if latest is not None else None

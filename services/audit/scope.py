@@ -9,11 +9,13 @@ an administrator who must audit holds the auditor role as well.
 
 The operator organization is the one auth reported creating with ``kind: operator`` (its
 ``pacs.auth.org.created`` event, in the chained log itself), plus any listed in
-``PACS_AUDIT_OPERATOR_ORGS``.
+``PACS_AUDIT_OPERATOR_ORGS``. When retention deletes that record, the truncation anchor carries the
+organization forward (``operator_orgs``).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from pacslib.errors import ForbiddenError
 from pacslib.tokens import Principal
 from services.audit.chain import parse_body
 from services.audit.ports import AuditStore, RecordQuery, TermClause
-from services.audit.records import ORG_CREATED
+from services.audit.records import ORG_CREATED, RecordBody
 
 AUDITOR = "auditor"
 REFRESH_SECONDS = 30.0
@@ -61,22 +63,43 @@ class OperatorOrgs:
         return org in self._learned
 
     async def _learn(self) -> frozenset[str]:
+        # Operator organizations whose creation retention deleted are carried in the truncation anchors.
         found: set[str] = set()
+        for anchor in await self._store.truncation_anchors():
+            found.update(carried_operator_orgs(anchor.body))
         before: int | None = None
         while True:
             page = await self._store.query(RecordQuery(action=ORG_CREATED, before_seq=before, limit=PAGE))
             for record in page:
                 body = parse_body(record.body)
-                if (
-                    body is not None
-                    and body.where.service == "auth"
-                    and body.details.get("kind") == "operator"
-                    and body.which.org_id
-                ):
-                    found.add(body.which.org_id)
+                org = operator_org_created(body) if body is not None else None
+                if org is not None:
+                    found.add(org)
             if len(page) < PAGE:
                 return frozenset(found)
             before = page[-1].seq
+
+
+def operator_org_created(body: RecordBody) -> str | None:
+    """The organization a record says auth created as the operator organization, if it is one."""
+    if (
+        body.what.action == ORG_CREATED
+        and body.where.service == "auth"
+        and body.details.get("kind") == "operator"
+        and body.which.org_id
+    ):
+        return body.which.org_id
+    return None
+
+
+def carried_operator_orgs(anchor_body: str) -> list[str]:
+    """The operator organizations a truncation anchor carries forward (``retention``)."""
+    try:
+        doc = json.loads(anchor_body)
+    except ValueError:
+        return []
+    orgs = doc.get("operator_orgs") if isinstance(doc, dict) else None
+    return [o for o in orgs if isinstance(o, str) and o] if isinstance(orgs, list) else []
 
 
 async def auditor_scope(principal: Principal, operators: OperatorOrgs) -> Scope:

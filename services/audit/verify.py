@@ -1,7 +1,8 @@
 """Verifying the audit log: ``python -m services.audit.verify`` and what ``GET /audit/verify`` runs.
 
 Walks every record and checkpoint in sequence order (``chain.ChainVerifier``) and reports the first
-altered, inserted, deleted or reordered record by sequence number and id. Needs the keyring (for the
+altered, inserted, deleted or reordered record by sequence number and id; after retention deleted the
+oldest records, the walk starts after the latest signed truncation anchor. Needs the keyring (for the
 record MAC key) but decrypts nothing. Exit code 0: the log is intact; 1: problems were found; 2: the
 log cannot be read (no keyring, no database).
 """
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from pacslib.keyring import Keyring, KeyringError
 from services.audit.chain import ChainVerifier, Problem, VerifyReport
-from services.audit.checkpoints import key_id, open_checkpoint
+from services.audit.checkpoints import key_id, open_checkpoint, open_truncation
 from services.audit.keys import AuditKeys, load_keys
 from services.audit.ports import AuditStore, StoredCheckpoint
 from services.audit.settings import AuditSettings
@@ -39,7 +40,7 @@ async def verify_store(store: AuditStore, keys: AuditKeys | None, *, batch: int 
 
     verifier = ChainVerifier(mac_key, opened)
     checkpoint_after = 0
-    last_seq = 0
+    last_seq = await _start_after_truncation(store, verifier, public)
 
     async def feed_checkpoints(through: int | None) -> None:
         nonlocal checkpoint_after
@@ -75,6 +76,26 @@ async def verify_store(store: AuditStore, keys: AuditKeys | None, *, batch: int 
     return report
 
 
+async def _start_after_truncation(
+    store: AuditStore, verifier: ChainVerifier, public: dict[str, Ed25519PublicKey]
+) -> int:
+    """Begin the walk after the latest valid truncation anchor; return its seq (0: none)."""
+    start: tuple[int, str] | None = None
+    for anchor in await store.truncation_anchors():
+        signed = open_truncation(anchor, public)
+        if signed is None:
+            verifier.bad_anchor(anchor.seq)
+        elif start is None or signed[0] > start[0]:
+            start = signed
+    if start is None:
+        return 0
+    verifier.start_after(*start)
+    first = await store.records_after(0, 1)
+    if first and first[0].seq <= start[0]:
+        verifier.leftover(first[0], start[0])
+    return start[0]
+
+
 async def _verify(settings: AuditSettings) -> VerifyReport:
     from services.audit.context import build_store
 
@@ -106,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{report.records} records, {report.checkpoints} checkpoints, head seq {report.head_seq}, "
             f"checkpointed up to seq {report.checkpointed_seq}, {report.redacted} redacted"
+            + (f", starts after seq {report.truncated_seq} (retention)" if report.truncated_seq else "")
         )
         for problem in report.problems:
             print(

@@ -215,6 +215,9 @@ def _store_and_search(dep: Deployment, study: str) -> None:
     assert len(found.json()) == 1
 
 
+SEARCHED = "pacs.storage.searched"
+
+
 def test_a_patients_access_report_says_who_looked_when_from_where(dep: Deployment) -> None:
     study = new_uid()
     _store_and_search(dep, study)
@@ -230,11 +233,12 @@ def test_a_patients_access_report_says_who_looked_when_from_where(dep: Deploymen
         )
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
-        return body if any(study in e["studies"] for e in body["entries"]) else None
+        # The store's own record may arrive first: wait for the search's.
+        searched = [e for e in body["entries"] if study in e["studies"] and e["action"] == SEARCHED]
+        return body if searched else None
 
     body = wait_for(report, "the search in the patient's access report")
-    entry = next(e for e in body["entries"] if study in e["studies"])
-    assert entry["action"] == "pacs.storage.searched"
+    entry = next(e for e in body["entries"] if study in e["studies"] and e["action"] == SEARCHED)
     assert entry["who"]["user"] == rad.user_id
     assert entry["who"]["org"] == rad.org_id
     assert "radiologist" in entry["who"]["roles"]

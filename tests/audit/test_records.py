@@ -96,6 +96,34 @@ def test_a_storage_view_keeps_the_access_path_and_the_trace() -> None:
     assert draft.which.series_uid == "1.2.9.1"
 
 
+def test_an_access_through_a_grant_names_the_grant_in_why() -> None:
+    view = view_event("u-1", "org-b", "1.2.3")
+    for via, grant_in_why in (("break_glass", "g-77"), ("share", "g-77"), ("organization", None)):
+        event = view.model_copy(update={"data": {**view.data, "via": via, "grant_id": "g-77"}})
+        draft = normalize(event).draft
+        assert (draft.why.purpose, draft.why.grant_id) == (via, grant_in_why)
+        assert draft.details["grant_id"] == "g-77"
+    opened = Event(
+        type="pacs.auth.break_glass.opened",
+        source="auth",
+        subject="g-78",
+        data={"actor": {"sub": "u-1", "org": "org-b"}, "grant_id": "g-78", "purpose": "break_glass"},
+    )
+    assert normalize(opened).draft.why.model_dump() == {
+        "purpose": "break_glass",
+        "reason": None,
+        "grant_id": "g-78",
+    }
+
+
+def test_only_auth_fills_the_stated_reason_of_a_record() -> None:
+    view = view_event("u-1", "org-b", "1.2.3")
+    claimed = view.model_copy(update={"data": {**view.data, "stated_reason": "trust me"}})
+    normalized = normalize(claimed)
+    assert "stated_reason" not in normalized.extra  # the audit service sets it from auth's answer
+    assert normalized.extra["event_stated_reason"] == "trust me"  # sealed all the same
+
+
 def test_only_successful_single_study_views_aggregate() -> None:
     view = normalize(view_event("u-1", "org-a", "1.2.3")).draft
     assert aggregation_key(view) == aggregation_key(normalize(view_event("u-1", "org-a", "1.2.3")).draft)

@@ -9,8 +9,9 @@ from datetime import timedelta
 import pytest
 
 from services.audit.chain import GENESIS, chain_record
-from services.audit.checkpoints import sign_checkpoint
+from services.audit.checkpoints import sign_checkpoint, sign_truncation
 from services.audit.ports import (
+    AlertState,
     AppendConflict,
     AuditStore,
     AuditTx,
@@ -227,3 +228,80 @@ async def test_records_survive_a_reopen(store_factory: StoreFactory) -> None:
         assert await again.records_after(0, 10) == written
     finally:
         await again.close()
+
+
+async def test_marks_and_alert_states_are_kept_replaced_and_pruned(store: AuditStore) -> None:
+    async def work(tx: AuditTx) -> tuple[int | None, dict[str, AlertState]]:
+        assert await tx.get_mark("alerts.evaluated") is None
+        await tx.set_mark("alerts.evaluated", 3)
+        await tx.set_mark("alerts.evaluated", 7)
+        await tx.put_alert_state(AlertState("patients|u-1", "2026-11-23T13:00:00.000000Z", '{"n":1}'))
+        await tx.put_alert_state(AlertState("patients|u-1", "2026-11-23T14:00:00.000000Z", '{"n":2}'))
+        await tx.put_alert_state(AlertState("logins.address|10.0.0.1", "2026-11-23T12:15:00.000000Z", "{}"))
+        return await tx.get_mark("alerts.evaluated"), await tx.get_alert_states(
+            ["patients|u-1", "logins.address|10.0.0.1", "unknown"]
+        )
+
+    mark, states = await store.transact(work)
+    assert mark == 7 == await store.get_mark("alerts.evaluated")
+    assert states["patients|u-1"] == AlertState("patients|u-1", "2026-11-23T14:00:00.000000Z", '{"n":2}')
+    assert set(states) == {"patients|u-1", "logins.address|10.0.0.1"}
+
+    async def prune(tx: AuditTx) -> tuple[int, dict[str, AlertState]]:
+        pruned = await tx.prune_alert_states("2026-11-23T13:00:00.000000Z")
+        return pruned, await tx.get_alert_states(["patients|u-1", "logins.address|10.0.0.1"])
+
+    pruned, left = await store.transact(prune)
+    assert (pruned, set(left)) == (1, {"patients|u-1"})
+
+
+async def test_records_after_can_select_an_action_prefix(store: AuditStore) -> None:
+    await append(store, [login("u-1", "org-a"), normalize(search_event("u-1", "org-a", ["1.2.3"])).draft])
+    await append(store, [login("u-2", "org-a", 1)])
+    found = await store.records_after(0, 10, action_prefix="pacs.auth.")
+    assert [r.seq for r in found] == [1, 3]
+    assert [r.seq for r in await store.records_after(1, 10, action_prefix="pacs.auth.login.")] == [3]
+
+
+async def test_redaction_drops_the_sealed_part_and_patient_tokens_only(store: AuditStore) -> None:
+    token = "cd" * 32
+    with_patient = normalize(search_event("u-1", "org-a", ["1.2.3"], at=T0)).draft.model_copy(
+        update={"patient_tokens": [token]}
+    )
+    old = SealedPhi("kek-1", b"w" * 60, b"old-ciphertext" * 8)
+    [first] = await append(store, [with_patient], phi=old)
+    [second] = await append(store, [login("u-2", "org-a", 30)], phi=SealedPhi("kek-1", b"w" * 60, b"c" * 80))
+    assert [r.seq for r in await store.sealed_before("2026-11-23T12:30:00.000000Z", 10)] == [1]
+    assert [r.seq for r in await store.sealed_before("2026-11-24T00:00:00.000000Z", 10)] == [1, 2]
+    assert await store.redact([(1, b"another ciphertext")]) == 0  # changed meanwhile: left alone
+    assert await store.redact([(1, old.ciphertext)]) == 1
+    [redacted, untouched] = await store.records_after(0, 10)
+    assert redacted == dataclasses.replace(
+        first, phi=None, terms=dataclasses.replace(first.terms, patients=frozenset())
+    )
+    assert untouched == second
+    assert await store.query(RecordQuery(clauses=(TermClause("patient", frozenset({token})),))) == []
+    assert [r.seq for r in await store.sealed_before("2026-11-24T00:00:00.000000Z", 10)] == [2]
+
+
+async def test_truncation_stores_its_anchor_and_deletes_exactly_the_prefix(store: AuditStore) -> None:
+    records = await append(store, [login(f"u-{i}", "org-a", i) for i in range(5)])
+    anchor = sign_truncation(SIGNING_KEY, 2, records[1].hash, T0, 2)
+    assert await store.truncate(anchor, "00" * 32) is None  # not the hash of record 2
+    head = sign_truncation(SIGNING_KEY, 5, records[4].hash, T0, 5)
+    assert await store.truncate(head, records[4].hash) is None  # the last record stays
+    assert await store.truncation_anchors() == []
+    assert await store.truncate(anchor, records[1].hash) == 2
+    assert await store.truncate(anchor, records[1].hash) is None  # gone already
+    assert await store.records_after(0, 10) == records[2:]
+    assert await store.event_ids_at(1) == []
+    assert await store.event_ids_at(3) == [records[2].id]
+
+    async def known(tx: AuditTx) -> set[str]:
+        return await tx.known_event_ids([r.id for r in records])
+
+    assert await store.transact(known) == {r.id for r in records[2:]}
+    later = sign_truncation(SIGNING_KEY, 3, records[2].hash, T0, 1)
+    assert await store.truncate(later, records[2].hash) == 1
+    assert await store.truncation_anchors() == [anchor, later]
+    assert await store.head() == ChainHead(5, records[4].hash)

@@ -8,6 +8,17 @@ import pytest
 
 from tests.deploy.chart import Manifest, example, manifests, render
 
+# The audit service's SIEM export on, with mutual TLS and a restricted egress (tests/deploy/test_chart_siem.py).
+SIEM_OVERLAY: dict[str, Any] = {
+    "audit": {
+        "settings": {"syslog_enabled": True, "syslog_host": "siem.hospital.example", "syslog_port": 6514},
+        "siem": {
+            "caConfigMap": "siem-ca",
+            "clientCertSecret": "siem-client",
+            "to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}],
+        },
+    }
+}
 # name -> values; each is a realistic install (the examples are documented in deploy/helm/README.md).
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": example("minimal"),  # the chart defaults plus only the values it requires
@@ -15,6 +26,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
     "existing-secrets": example("existing-secrets"),
     "existing-secrets-kafka": example("existing-secrets", "strimzi-kafka"),
     "ingress-off": example("minimal", overlay={"ingress": {"enabled": False, "tlsSecretName": ""}}),
+    "siem-export": example("existing-secrets", "strimzi-kafka", overlay=SIEM_OVERLAY),
 }
 
 

@@ -492,7 +492,7 @@ def test_network_policies_deny_by_default_and_open_only_the_needed_paths(
         "ingest": dns | kafka,
         "storage": dns | s3 | mongo | kafka,
         "render": dns | kafka,
-        "audit": dns | mongo | kafka,
+        "audit": dns | mongo | kafka | ({("TCP", 6514)} if name == "siem-export" else set()),  # syslog/TLS
     }
     for component, ports in expected.items():
         assert _external_egress(docs, component) == ports, component

@@ -50,6 +50,7 @@ def _prefix_match(prefix: str, path: str) -> bool:
 ROUTED = [
     ("POST", "/dicom-web/studies"),
     ("POST", "/dicom-web/studies/1.2.3"),
+    ("POST", "/dicom-web/studies/1.2.3/deidentify"),
     ("GET", "/dicom-web/studies"),
     ("GET", "/dicom-web/studies/1.2.3/series/4.5/instances/6.7/metadata"),
     ("DELETE", "/dicom-web/studies/1.2.3"),
@@ -59,6 +60,7 @@ ROUTED = [
     ("POST", "/oauth2/token"),
     ("GET", "/.well-known/openid-configuration"),
     ("GET", "/audit/events"),
+    ("GET", "/export/studies/1.2.3"),
     ("GET", "/viewer/index.html"),
 ]
 # Paths no public route serves: internal endpoints, health checks, API docs.

@@ -4,7 +4,10 @@
 position collide on the primary key; ``audit_event_ids`` maps every event id to its record (the unique
 key that makes a redelivered event a no-op, and what names a deleted record in verify). Search terms
 live in multikey arrays under ``terms``. Grant the service's database user insert and find only on
-``audit_records``, ``audit_event_ids`` and ``audit_checkpoints`` where the deployment allows it.
+``audit_records``, ``audit_event_ids`` and ``audit_checkpoints`` where the deployment allows it, plus
+update (redaction) and remove (retention) on the first two if retention is configured. Retention deletes
+records only together with a signed truncation anchor (``audit_truncations``, insert/find); ``audit_marks``
+and ``audit_alert_state`` are the alert jobs' positions and windows.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from bson.binary import Binary
-from pymongo import ASCENDING, DESCENDING, AsyncMongoClient
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
 from services.audit.ports import (
     TERM_KINDS,
+    AlertState,
     AppendConflict,
     AuditTx,
     ChainHead,
@@ -42,6 +46,9 @@ EVENT_IDS = "audit_event_ids"
 PENDING = "audit_pending"
 CHECKPOINTS = "audit_checkpoints"
 KEYS = "audit_keys"
+TRUNCATIONS = "audit_truncations"
+MARKS = "audit_marks"
+ALERT_STATE = "audit_alert_state"
 
 
 def _record_doc(record: StoredRecord) -> Doc:
@@ -87,6 +94,10 @@ def _record(doc: Doc) -> StoredRecord:
 
 def _pending(doc: Doc) -> Pending:
     return Pending(str(doc["_id"]), str(doc["window_end"]), str(doc["draft"]), tuple(doc["event_ids"]))
+
+
+def _alert_state(doc: Doc) -> AlertState:
+    return AlertState(str(doc["_id"]), str(doc["expires"]), str(doc["data"]))
 
 
 def _checkpoint(doc: Doc) -> StoredCheckpoint:
@@ -153,6 +164,33 @@ class _MongoTx:
         )
         return [_pending(doc) async for doc in cursor]
 
+    async def get_mark(self, name: str) -> int | None:
+        doc = await self._db[MARKS].find_one({"_id": name}, session=self._session)
+        return None if doc is None else int(doc["seq"])
+
+    async def set_mark(self, name: str, seq: int) -> None:
+        await self._db[MARKS].replace_one({"_id": name}, {"seq": seq}, upsert=True, session=self._session)
+
+    async def get_alert_states(self, keys: Sequence[str]) -> dict[str, AlertState]:
+        if not keys:
+            return {}
+        cursor = self._db[ALERT_STATE].find({"_id": {"$in": sorted(set(keys))}}, session=self._session)
+        return {str(doc["_id"]): _alert_state(doc) async for doc in cursor}
+
+    async def put_alert_state(self, state: AlertState) -> None:
+        await self._db[ALERT_STATE].replace_one(
+            {"_id": state.key},
+            {"expires": state.expires, "data": state.data},
+            upsert=True,
+            session=self._session,
+        )
+
+    async def prune_alert_states(self, expired_before: str) -> int:
+        result = await self._db[ALERT_STATE].delete_many(
+            {"expires": {"$lt": expired_before}}, session=self._session
+        )
+        return result.deleted_count
+
 
 class MongoAuditStore:
     """AuditStore on one MongoDB database."""
@@ -179,6 +217,12 @@ class MongoAuditStore:
             await db[RECORDS].create_index([(f"terms.{kind}", ASCENDING), ("_id", DESCENDING)])
         await db[EVENT_IDS].create_index([("seq", ASCENDING), ("pos", ASCENDING)])
         await db[PENDING].create_index([("window_end", ASCENDING)])
+        await db[RECORDS].create_index(
+            [("time", ASCENDING), ("_id", ASCENDING)],
+            name="sealed_time",
+            partialFilterExpression={"phi.ciphertext": {"$exists": True}},
+        )
+        await db[ALERT_STATE].create_index([("expires", ASCENDING)])
 
     async def ping(self) -> None:
         await self._db().command("ping")
@@ -201,8 +245,13 @@ class MongoAuditStore:
     async def head(self) -> ChainHead:
         return await _head(self._db(), None)
 
-    async def records_after(self, seq: int, limit: int) -> list[StoredRecord]:
-        cursor = self._db()[RECORDS].find({"_id": {"$gt": seq}}).sort("_id", ASCENDING).limit(limit)
+    async def records_after(
+        self, seq: int, limit: int, *, action_prefix: str | None = None
+    ) -> list[StoredRecord]:
+        selector: Doc = {"_id": {"$gt": seq}}
+        if action_prefix is not None:
+            selector["action"] = {"$regex": "^" + re.escape(action_prefix)}
+        cursor = self._db()[RECORDS].find(selector).sort("_id", ASCENDING).limit(limit)
         return [_record(doc) async for doc in cursor]
 
     async def event_ids_at(self, seq: int) -> list[str]:
@@ -302,3 +351,62 @@ class MongoAuditStore:
             {"$set": {"phi.kek_id": kek_id, "phi.wrapped_key": Binary(wrapped_key)}},
         )
         return result.modified_count == 1
+
+    async def get_mark(self, name: str) -> int | None:
+        doc = await self._db()[MARKS].find_one({"_id": name})
+        return None if doc is None else int(doc["seq"])
+
+    async def sealed_before(self, time: str, limit: int) -> list[StoredRecord]:
+        cursor = (
+            self._db()[RECORDS]
+            .find({"phi.ciphertext": {"$exists": True}, "time": {"$lt": time}})
+            .sort([("time", ASCENDING), ("_id", ASCENDING)])
+            .limit(limit)
+        )
+        return [_record(doc) async for doc in cursor]
+
+    async def redact(self, items: Sequence[tuple[int, bytes]]) -> int:
+        if not items:
+            return 0
+        result = await self._db()[RECORDS].bulk_write(
+            [
+                UpdateOne(
+                    {"_id": seq, "phi.ciphertext": Binary(ciphertext)},
+                    {"$set": {"phi": None, "terms.patient": []}},
+                )
+                for seq, ciphertext in items
+            ],
+            ordered=False,
+        )
+        return result.modified_count
+
+    async def truncation_anchors(self) -> list[StoredCheckpoint]:
+        cursor = self._db()[TRUNCATIONS].find({}).sort("_id", ASCENDING)
+        return [_checkpoint(doc) async for doc in cursor]
+
+    async def truncate(self, anchor: StoredCheckpoint, expected_hash: str) -> int | None:
+        db = self._db()
+        assert self._client is not None
+
+        async def work(session: AsyncClientSession) -> int | None:
+            doc = await db[RECORDS].find_one({"_id": anchor.seq}, {"hash": 1}, session=session)
+            head = await _head(db, session)
+            if doc is None or str(doc["hash"]) != expected_hash or head.seq <= anchor.seq:
+                return None
+            if await db[TRUNCATIONS].find_one({"_id": anchor.seq}, {"_id": 1}, session=session) is not None:
+                return None
+            await db[TRUNCATIONS].insert_one(
+                {
+                    "_id": anchor.seq,
+                    "body": anchor.body,
+                    "signature": Binary(anchor.signature),
+                    "key_id": anchor.key_id,
+                },
+                session=session,
+            )
+            await db[EVENT_IDS].delete_many({"seq": {"$lte": anchor.seq}}, session=session)
+            result = await db[RECORDS].delete_many({"_id": {"$lte": anchor.seq}}, session=session)
+            return result.deleted_count
+
+        async with self._client.start_session() as session:
+            return await session.with_transaction(work)

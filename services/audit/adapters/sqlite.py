@@ -4,7 +4,10 @@
 terms (user, org, study, patient token) and ``record_events`` its event ids (the unique keys that make
 a redelivered event a no-op). Triggers refuse UPDATE and DELETE of chained columns, so the service
 itself cannot change history by mistake; someone with the file can drop them, which is what the chain,
-the record MACs and the signed checkpoints are for.
+the record MACs and the signed checkpoints are for. The one exception is retention: records up to the
+latest signed truncation anchor (``truncations``) may be deleted, and only in the transaction that
+stores that anchor (``truncate``); redaction clears the sealed columns, which the chain covers by
+digest only. ``marks`` and ``alert_state`` are the alert jobs' positions and windows.
 """
 
 # ruff: noqa: S608  # SQL is assembled from constant fragments only; every value is bound
@@ -19,6 +22,7 @@ import aiosqlite
 
 from pacslib.sqlite_tx import SqliteFile
 from services.audit.ports import (
+    AlertState,
     AppendConflict,
     AuditTx,
     ChainHead,
@@ -77,15 +81,33 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     key_id TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS keys (name TEXT PRIMARY KEY, kek_id TEXT NOT NULL, wrapped BLOB NOT NULL);
-CREATE TRIGGER IF NOT EXISTS records_append_only_delete BEFORE DELETE ON records
+CREATE INDEX IF NOT EXISTS records_sealed_time ON records (time) WHERE phi_ct IS NOT NULL;
+CREATE TABLE IF NOT EXISTS truncations (
+    seq INTEGER PRIMARY KEY,
+    body TEXT NOT NULL,
+    signature BLOB NOT NULL,
+    key_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS marks (name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS alert_state (key TEXT PRIMARY KEY, expires TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS alert_state_expires ON alert_state (expires);
+DROP TRIGGER IF EXISTS records_append_only_delete;
+DROP TRIGGER IF EXISTS record_events_append_only;
+CREATE TRIGGER records_append_only_delete BEFORE DELETE ON records
+WHEN old.seq > (SELECT COALESCE(MAX(seq), 0) FROM truncations)
 BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS records_append_only_update
 BEFORE UPDATE OF seq, id, time, action, body, hash, mac ON records
 BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS record_events_append_only BEFORE DELETE ON record_events
+CREATE TRIGGER record_events_append_only BEFORE DELETE ON record_events
+WHEN old.seq > (SELECT COALESCE(MAX(seq), 0) FROM truncations)
 BEGIN SELECT RAISE(ABORT, 'audit records are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS checkpoints_append_only BEFORE DELETE ON checkpoints
 BEGIN SELECT RAISE(ABORT, 'audit checkpoints are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS truncations_append_only BEFORE DELETE ON truncations
+BEGIN SELECT RAISE(ABORT, 'audit truncation anchors are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS truncations_no_update BEFORE UPDATE ON truncations
+BEGIN SELECT RAISE(ABORT, 'audit truncation anchors are append-only'); END;
 """
 
 _RECORD_COLUMNS = "seq, id, time, action, body, hash, mac, phi_kek, phi_key, phi_ct"
@@ -144,6 +166,16 @@ async def _complete(db: aiosqlite.Connection, rows: Sequence[Any]) -> list[Store
             )
         )
     return out
+
+
+async def _mark(db: aiosqlite.Connection, name: str) -> int | None:
+    async with db.execute("SELECT seq FROM marks WHERE name = ?", (name,)) as cur:
+        row = await cur.fetchone()
+    return None if row is None else int(row[0])
+
+
+def _anchor(row: Any) -> StoredCheckpoint:
+    return StoredCheckpoint(int(row[0]), str(row[1]), bytes(row[2]), str(row[3]))
 
 
 def _pending(row: Any) -> Pending:
@@ -223,6 +255,36 @@ class _SqliteTx:
         ) as cur:
             return [_pending(row) async for row in cur]
 
+    async def get_mark(self, name: str) -> int | None:
+        return await _mark(self._db, name)
+
+    async def set_mark(self, name: str, seq: int) -> None:
+        await self._db.execute(
+            "INSERT INTO marks (name, seq) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET seq = excluded.seq",
+            (name, seq),
+        )
+
+    async def get_alert_states(self, keys: Sequence[str]) -> dict[str, AlertState]:
+        found: dict[str, AlertState] = {}
+        for part in _chunks(sorted(set(keys))):
+            async with self._db.execute(
+                f"SELECT key, expires, data FROM alert_state WHERE key IN ({_marks(len(part))})", part
+            ) as cur:
+                async for key, expires, data in cur:
+                    found[str(key)] = AlertState(str(key), str(expires), str(data))
+        return found
+
+    async def put_alert_state(self, state: AlertState) -> None:
+        await self._db.execute(
+            "INSERT INTO alert_state (key, expires, data) VALUES (?, ?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET expires = excluded.expires, data = excluded.data",
+            (state.key, state.expires, state.data),
+        )
+
+    async def prune_alert_states(self, expired_before: str) -> int:
+        cur = await self._db.execute("DELETE FROM alert_state WHERE expires < ?", (expired_before,))
+        return cur.rowcount
+
 
 class SqliteAuditStore(SqliteFile):
     """AuditStore on one SQLite file: a writer connection (one transaction at a time) and a reader."""
@@ -242,10 +304,17 @@ class SqliteAuditStore(SqliteFile):
     async def head(self) -> ChainHead:
         return await _head(self._read_db())
 
-    async def records_after(self, seq: int, limit: int) -> list[StoredRecord]:
+    async def records_after(
+        self, seq: int, limit: int, *, action_prefix: str | None = None
+    ) -> list[StoredRecord]:
         db = self._read_db()
+        where = "seq > ?"
+        params: list[Any] = [seq]
+        if action_prefix is not None:
+            where += " AND action >= ? AND action < ?"
+            params += [action_prefix, action_prefix + "\U0010ffff"]
         async with db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM records WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE {where} ORDER BY seq LIMIT ?", [*params, limit]
         ) as cur:
             rows = list(await cur.fetchall())
         return await _complete(db, rows)
@@ -362,3 +431,71 @@ class SqliteAuditStore(SqliteFile):
                 (kek_id, wrapped_key, seq, old.kek_id, old.wrapped_key),
             )
             return cur.rowcount == 1
+
+    async def get_mark(self, name: str) -> int | None:
+        return await _mark(self._read_db(), name)
+
+    async def sealed_before(self, time: str, limit: int) -> list[StoredRecord]:
+        db = self._read_db()
+        async with db.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM records WHERE phi_ct IS NOT NULL AND time < ? "
+            "ORDER BY time, seq LIMIT ?",
+            (time, limit),
+        ) as cur:
+            rows = list(await cur.fetchall())
+        return await _complete(db, rows)
+
+    async def redact(self, items: Sequence[tuple[int, bytes]]) -> int:
+        redacted = 0
+        async with self._transaction() as db:
+            for seq, ciphertext in items:
+                cur = await db.execute(
+                    "UPDATE records SET phi_kek = NULL, phi_key = NULL, phi_ct = NULL WHERE seq = ? AND phi_ct = ?",
+                    (seq, ciphertext),
+                )
+                if cur.rowcount == 1:
+                    await db.execute("DELETE FROM record_terms WHERE kind = 'patient' AND seq = ?", (seq,))
+                    redacted += 1
+        if redacted:
+            await self._flush_wal()
+        return redacted
+
+    async def truncation_anchors(self) -> list[StoredCheckpoint]:
+        async with self._read_db().execute(
+            "SELECT seq, body, signature, key_id FROM truncations ORDER BY seq"
+        ) as cur:
+            return [_anchor(row) async for row in cur]
+
+    async def truncate(self, anchor: StoredCheckpoint, expected_hash: str) -> int | None:
+        async with self._transaction() as db:
+            async with db.execute("SELECT hash FROM records WHERE seq = ?", (anchor.seq,)) as cur:
+                row = await cur.fetchone()
+            head = await _head(db)
+            if row is None or str(row[0]) != expected_hash or head.seq <= anchor.seq:
+                return None
+            cur = await db.execute(
+                "INSERT INTO truncations (seq, body, signature, key_id) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (seq) DO NOTHING",
+                (anchor.seq, anchor.body, anchor.signature, anchor.key_id),
+            )
+            if cur.rowcount != 1:
+                return None
+            await db.execute("DELETE FROM record_terms WHERE seq <= ?", (anchor.seq,))
+            await db.execute("DELETE FROM record_events WHERE seq <= ?", (anchor.seq,))
+            cur = await db.execute("DELETE FROM records WHERE seq <= ?", (anchor.seq,))
+            deleted = cur.rowcount
+        await self._flush_wal()
+        return deleted
+
+    async def _flush_wal(self) -> None:
+        """Copy the WAL into the file and empty it, so removed bytes do not linger in the WAL.
+
+        With ``secure_delete`` the file's freed space is zeroed; this also drops the WAL's older copies
+        of the changed pages. A reader in the middle of a read may keep part of the WAL: the next
+        retention run empties it then.
+        """
+        writer = self._writer
+        if writer is None:
+            return
+        async with self._write_lock:
+            await writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -5,7 +5,7 @@ tests/deploy checks every name against the settings classes.
 */}}
 
 {{- define "cloudpacs.mountPaths" -}}
-{{- toJson (dict "state" "/var/lib/cloudpacs" "tmp" "/tmp" "keyring" "/etc/cloudpacs/keyring" "trustedCa" "/etc/cloudpacs/trusted-ca" "kafkaCa" "/etc/cloudpacs/kafka-ca") }}
+{{- toJson (dict "state" "/var/lib/cloudpacs" "tmp" "/tmp" "keyring" "/etc/cloudpacs/keyring" "trustedCa" "/etc/cloudpacs/trusted-ca" "kafkaCa" "/etc/cloudpacs/kafka-ca" "syslogCa" "/etc/cloudpacs/syslog-ca" "syslogClient" "/etc/cloudpacs/syslog-client") }}
 {{- end }}
 
 {{/* Plain environment of a component as a YAML map (args: dict root component). */}}
@@ -81,6 +81,13 @@ PACS_AUDIT_STORE: "mongodb"
 PACS_AUDIT_KEYRING_PATH: {{ printf "%s/%s" $paths.keyring $v.audit.keyring.key | quote }}
 PACS_AUDIT_CREATE_KEYRING: "false"
 PACS_AUDIT_STORAGE_URL: {{ include "cloudpacs.serviceUrl" (dict "root" $root "component" "storage") | quote }}
+{{- if $v.audit.settings.syslog_enabled }}
+PACS_AUDIT_SYSLOG_CA_FILE: {{ printf "%s/%s" $paths.syslogCa $v.audit.siem.caKey | quote }}
+{{- if $v.audit.siem.clientCertSecret }}
+PACS_AUDIT_SYSLOG_CLIENT_CERT_FILE: {{ printf "%s/tls.crt" $paths.syslogClient | quote }}
+PACS_AUDIT_SYSLOG_CLIENT_KEY_FILE: {{ printf "%s/tls.key" $paths.syslogClient | quote }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and (has $c (include "cloudpacs.trustedCaServices" $root | fromJsonArray)) (or $v.trustedCa.configMap $v.trustedCa.secret) }}
 SSL_CERT_FILE: {{ printf "%s/%s" $paths.trustedCa $v.trustedCa.key | quote }}

@@ -208,4 +208,12 @@ fails the install before anything is created.
 {{- if and .Values.trustedCa.configMap .Values.trustedCa.secret }}
 {{- fail "trustedCa: set configMap or secret, not both" }}
 {{- end }}
+{{- if .Values.audit.settings.syslog_enabled }}
+{{- if not .Values.audit.settings.syslog_host }}
+{{- fail "audit.settings.syslog_host is required when audit.settings.syslog_enabled is true (the SIEM's TLS syslog collector)" }}
+{{- end }}
+{{- if eq (not .Values.audit.siem.caConfigMap) (not .Values.audit.siem.caSecret) }}
+{{- fail "audit.siem: set caConfigMap or caSecret (the CA bundle of the syslog collector), exactly one, when audit.settings.syslog_enabled is true" }}
+{{- end }}
+{{- end }}
 {{- end }}
