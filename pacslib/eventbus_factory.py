@@ -42,6 +42,7 @@ def build_event_bus(settings: ServiceSettings) -> EventBus:
                 partitions=settings.kafka_topic_partitions,
                 replication_factor=settings.kafka_topic_replication_factor,
                 retention_ms=settings.kafka_topic_retention_ms,
+                delivery_timeout_ms=settings.kafka_delivery_timeout_ms,
             )
         )
     return SqliteEventBus(settings.resolved_event_log_path())

@@ -57,6 +57,13 @@ class ServiceSettings(BaseSettings):
         ge=3_600_000,
         description="Retention (ms) of the topics the services create: how long a stopped consumer may lag.",
     )
+    kafka_delivery_timeout_ms: int = Field(
+        60_000,
+        ge=1_000,
+        le=600_000,
+        description="How long a publish waits for the brokers to acknowledge it before it fails: a request "
+        "whose access event is not acknowledged within it is refused with 503 (outbox events are retried).",
+    )
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="Proxies whose X-Forwarded-* headers are trusted (uvicorn)."
     )

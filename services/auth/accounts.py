@@ -8,12 +8,14 @@ administrator's reach answers 404, exactly like something that does not exist.
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from pacslib.errors import BadRequestError, ConflictError, ForbiddenError, NotFoundError
+from pacslib.identity import VIEWER_CLIENT_ID, VIEWER_PATH
 from pacslib.tokens import Principal
 from services.auth import audit
 from services.auth.context import AuthContext
@@ -31,6 +33,9 @@ from services.auth.records import (
     new_id,
 )
 from services.auth.sessions import revoke_user_sessions
+
+VIEWER_CLIENT_NAME = "cloudpacs viewer"
+log = logging.getLogger("pacs.auth.accounts")
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +449,12 @@ async def upsert_oauth_client(
 
 async def delete_oauth_client(ctx: AuthContext, scope: AdminScope, client_id: str) -> None:
     require_operator(scope)
+    if not await remove_oauth_client(ctx, scope.actor, client_id):
+        raise NotFoundError("no such OAuth client")
+
+
+async def remove_oauth_client(ctx: AuthContext, actor: Principal | None, client_id: str) -> bool:
+    """Remove an OAuth client registration; False when there was none."""
 
     async def work(tx: Tx) -> bool:
         if not await tx.delete("oauth_clients", client_id):
@@ -452,15 +463,16 @@ async def delete_oauth_client(ctx: AuthContext, scope: AdminScope, client_id: st
             tx,
             audit.OAUTH_CLIENT_CHANGED,
             client_id,
-            actor=scope.actor,
+            actor=actor,
             client_id=client_id,
             change="deleted",
         )
         return True
 
     if not await ctx.store.transact(work):
-        raise NotFoundError("no such OAuth client")
+        return False
     ctx.relay.notify()
+    return True
 
 
 async def register_declared_clients(ctx: AuthContext) -> None:
@@ -471,3 +483,23 @@ async def register_declared_clients(ctx: AuthContext) -> None:
         await upsert_oauth_client(
             ctx, None, declared.client_id, declared.redirect_uris, name=declared.name, declared=True
         )
+    await register_viewer_client(ctx)
+
+
+async def register_viewer_client(ctx: AuthContext) -> None:
+    """Register the built-in browser viewer (same origin as the issuer), or remove it when switched off.
+
+    Its only redirect URI is ``<issuer>/viewer/``; an issuer that cannot be a redirect URI (plain http
+    on a host other than loopback) leaves the viewer unregistered, with a warning.
+    """
+    if not ctx.settings.viewer_client:
+        await remove_oauth_client(ctx, None, VIEWER_CLIENT_ID)
+        return
+    redirect = ctx.settings.issuer_url() + VIEWER_PATH
+    try:
+        check_redirect_uri(redirect)
+    except BadRequestError as exc:
+        log.warning("the built-in viewer is not registered as an OAuth client: %s", exc.message)
+        await remove_oauth_client(ctx, None, VIEWER_CLIENT_ID)
+        return
+    await upsert_oauth_client(ctx, None, VIEWER_CLIENT_ID, [redirect], name=VIEWER_CLIENT_NAME, declared=True)

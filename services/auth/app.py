@@ -12,11 +12,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from pacslib.app import ReadinessCheck, base_app
-from services.auth import maintenance
+from services.auth import audit, maintenance
 from services.auth.accounts import register_declared_clients
 from services.auth.clock import Clock, system_clock
 from services.auth.context import AuthContext, open_context
-from services.auth.routes import admin, api, grants, oauth
+from services.auth.routes import admin, api, grants, internal_grants, oauth
 from services.auth.settings import AuthSettings
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -48,6 +48,7 @@ def create_app(settings: AuthSettings | None = None, *, clock: Clock = system_cl
         return [("auth_store", ctx.store.ping), ("event_bus", ctx.bus.ping)]
 
     app = base_app("cloudpacs auth", lifespan, checks)
+    app.add_middleware(audit.RequestContext)  # client address and user agent of every audit event
     oauth.install_oauth_error_handler(app)
 
     @app.middleware("http")
@@ -76,5 +77,6 @@ def create_app(settings: AuthSettings | None = None, *, clock: Clock = system_cl
     app.include_router(admin.router)
     app.include_router(grants.router)
     app.include_router(grants.internal)
+    app.include_router(internal_grants.router)
     app.include_router(oauth.router)
     return app

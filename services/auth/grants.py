@@ -4,6 +4,9 @@ A *share* lets a user or a whole organization see one study (or every study) of 
 organization, until it expires or is revoked. *Break-glass* lets a clinician open one study of another
 organization in an emergency: it needs a stated reason, lasts ``break_glass_seconds`` and is flagged
 for review by the owning organization's auditors or administrators. Every change is an audit event.
+
+The stated reason is free text (it may name the patient), so it never goes on the event bus: the
+audit service fetches it with its own service identity (``stated_reason``) and keeps it sealed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from services.auth import audit
 from services.auth.context import AuthContext
 from services.auth.ports import Tx
 from services.auth.records import ADMIN, AUDITOR, CLINICIAN_ROLES, Grant, User, new_id
+from services.auth.sealing import seal, unseal
 
 SHARE_ROLES = frozenset({ADMIN}) | CLINICIAN_ROLES
 
@@ -32,10 +36,21 @@ def _check_study(study_uid: str | None) -> None:
         raise BadRequestError("study_uid is not a valid DICOM UID")
 
 
-def public_grant(grant: Grant, *, with_reason: bool) -> dict[str, Any]:
+REASON_PURPOSE = "break_glass_reason"
+
+
+def reason_of(ctx: AuthContext, grant: Grant) -> str | None:
+    """The stated reason of a break-glass grant, unsealed (None for shares)."""
+    if grant.sealed_reason is None:
+        return None
+    return unseal(ctx.keyring, REASON_PURPOSE, grant.id, grant.sealed_reason).decode()
+
+
+def public_grant(ctx: AuthContext, grant: Grant, *, with_reason: bool) -> dict[str, Any]:
     body = grant.to_doc()
-    if not with_reason:
-        body.pop("reason", None)
+    body.pop("sealed_reason", None)
+    if with_reason and grant.kind == "break_glass":
+        body["reason"] = reason_of(ctx, grant)
     return body
 
 
@@ -116,8 +131,9 @@ async def open_break_glass(
     if len(reason) > 2000:
         raise BadRequestError("the reason must have at most 2000 characters")
     now = ctx.now()
+    grant_id = new_id()
     grant = Grant(
-        id=new_id(),
+        id=grant_id,
         kind="break_glass",
         owner_org=owner_org,
         study_uid=study_uid,
@@ -125,7 +141,7 @@ async def open_break_glass(
         created_by=principal.sub,
         created_at=now,
         expires_at=now + ctx.settings.break_glass_seconds,
-        reason=reason,
+        sealed_reason=seal(ctx.keyring, REASON_PURPOSE, grant_id, reason.encode()),
         review_status="pending",
     )
 
@@ -143,6 +159,7 @@ async def open_break_glass(
             study_uid=study_uid,
             expires_at=grant.expires_at,
             review_status="pending",
+            purpose="break_glass",
         )
 
     await ctx.store.transact(work)
@@ -220,6 +237,7 @@ async def revoke_grant(ctx: AuthContext, principal: Principal, grant_id: str) ->
             grant_id=grant.id,
             kind=grant.kind,
             owner_org=grant.owner_org,
+            study_uid=grant.study_uid,
         )
 
     await ctx.store.transact(work)
@@ -252,13 +270,23 @@ async def review_break_glass(
             actor=principal,
             grant_id=grant.id,
             owner_org=grant.owner_org,
-            outcome=outcome,
+            study_uid=grant.study_uid,
+            review_status=outcome,
             grantee_user=grant.grantee_user,
+            purpose="break_glass",
         )
 
     await ctx.store.transact(work)
     ctx.relay.notify()
     return grant.model_copy(update=changes)
+
+
+async def stated_reason(ctx: AuthContext, grant_id: str) -> Grant:
+    """A break-glass grant with its stated reason, for the audit service (NotFoundError otherwise)."""
+    grant = await _get(ctx, grant_id)
+    if grant.kind != "break_glass" or grant.sealed_reason is None:
+        raise NotFoundError("no such break-glass grant")
+    return grant
 
 
 async def access_for(ctx: AuthContext, sub: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pacslib.errors import BadRequestError, UnauthorizedError
 from services.auth import audit, mfa, throttle
 from services.auth.context import AuthContext
 from services.auth.ports import DuplicateError, Tx
-from services.auth.records import LoginFlow, LoginStage, Org, User, new_token, token_hash
+from services.auth.records import LoginFlow, LoginStage, Org, User, new_token, token_hash, token_roles
 from services.auth.sealing import seal, unseal
 from services.auth.sessions import (
     TokenSet,
@@ -434,6 +434,7 @@ async def finish(
             tx,
             audit.LOGIN_SUCCEEDED,
             user.id,
+            actor={"sub": user.id, "org": user.org_id, "kind": "user", "roles": token_roles(user.roles)},
             client_ip=client_ip,
             user_id=user.id,
             org_id=user.org_id,

@@ -179,7 +179,9 @@ class Grant(Record):
     expires_at: float | None = None
     revoked_at: float | None = None
     revoked_by: str | None = None
-    reason: str | None = None  # break-glass only; stays in the auth store, never in events
+    # break-glass only: the stated reason (free text, may name a patient), sealed under the keyring;
+    # it never goes on the event bus (the audit service reads it through an internal route).
+    sealed_reason: dict[str, Any] | None = None
     review_status: Literal["pending", "justified", "unjustified"] | None = None
     reviewed_by: str | None = None
     reviewed_at: float | None = None

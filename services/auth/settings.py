@@ -118,6 +118,11 @@ class AuthSettings(ServiceSettings):
         description='Public OAuth clients as JSON, e.g. [{"client_id":"ohif","redirect_uris":'
         '["https://viewer.example/callback"]}]; registered (or updated) at start-up.',
     )
+    viewer_client: bool = Field(
+        True,
+        description="Register the built-in browser viewer (<issuer>/viewer/) as the public OAuth client "
+        "cloudpacs-viewer at start-up; false removes that registration.",
+    )
     authorization_code_seconds: int = Field(
         60, ge=10, le=600, description="Lifetime of an authorization code."
     )

@@ -54,10 +54,21 @@ async def test_security_events_reach_the_bus_with_the_envelope(any_harness: Harn
     assert change.subject == rad.id
     assert change.data["old_roles"] == ["radiologist"]
     assert change.data["new_roles"] == ["auditor", "radiologist"]
-    assert change.data["actor"] == {"sub": admin.id, "org": operator, "kind": "user"}
+    assert change.data["actor"] == {"sub": admin.id, "org": operator, "kind": "user", "roles": ["admin"]}
     failed = next(e for e in by_type[audit.LOGIN_FAILED] if e.subject == rad.id)
     assert failed.data["client_ip"] == "127.0.0.1"
     assert failed.data["reason"] == "invalid_credentials"
+    # Who from where, and the request's trace: whichever module emitted the event.
+    assert change.data["client_ip"] == "127.0.0.1"
+    assert change.data["user_agent"].startswith("python-httpx/")
+    assert change.traceparent is not None
+    succeeded = next(e for e in by_type[audit.LOGIN_SUCCEEDED] if e.subject == rad.id)
+    assert succeeded.data["actor"] == {
+        "sub": rad.id,
+        "org": org,
+        "kind": "user",
+        "roles": ["clinician", "radiologist"],
+    }
     assert await h.ctx.store.outbox_batch(10) == []  # everything was relayed
 
 

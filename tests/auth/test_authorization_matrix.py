@@ -225,6 +225,11 @@ MATRIX: dict[tuple[str, str], tuple[Request, dict[str, int]]] = {
         lambda w: ("GET", f"/auth/internal/access/{w.target.id}/check?org={w.org_a}&study_uid={STUDY}", {}),
         SERVICE,
     ),
+    # Only the audit service identity reads stated reasons (tests/http/test_audit_coverage.py).
+    ("GET", "/auth/internal/grants/{grant_id}/reason"): (
+        lambda w: ("GET", f"/auth/internal/grants/{w.break_glass_id}/reason", {}),
+        A(403, 403, 403, 403, 403, 401, 403),
+    ),
     # -- the caller's own account ----------------------------------------------------------------
     ("GET", "/auth/me"): (lambda w: ("GET", "/auth/me", {}), A(200, 200, 200, 200, 200, 401, 200)),
     ("GET", "/oauth2/userinfo"): (lambda w: ("GET", "/oauth2/userinfo", {}), USERS),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tests.auth.conftest import Harness, make_settings, start_harness
+from tests.auth.test_no_secrets_at_rest import database_bytes
 
 STUDY = "1.2.826.0.1.3680043.10.7.1"
 OTHER_STUDY = "1.2.826.0.1.3680043.10.7.2"
@@ -108,6 +109,8 @@ async def test_shares_break_glass_and_the_access_api(tmp_path: Any) -> None:
         assert [(g["id"], g["reason"]) for g in pending] == [
             (glass["id"], "patient in ER, prior CT needed now")
         ]
+        # The reason is free text (it may name a patient): sealed at rest, never in the store in clear.
+        assert b"prior CT needed now" not in database_bytes(h)
         r = await h.client.post(
             f"/auth/break-glass/{glass['id']}/review", headers=aud_auth, json={"outcome": "unjustified"}
         )

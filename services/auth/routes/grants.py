@@ -46,25 +46,25 @@ async def create_share(request: Request, body: NewShare, principal: User) -> dic
         grantee_org=body.grantee_org,
         expires_at=body.expires_at,
     )
-    return grants.public_grant(grant, with_reason=False)
+    return grants.public_grant(ctx_of(request), grant, with_reason=False)
 
 
 @router.get("/grants")
 async def list_shares(request: Request, principal: User) -> dict[str, Any]:
     found = await grants.list_grants(ctx_of(request), principal, "share")
-    return {"grants": [grants.public_grant(g, with_reason=False) for g in found]}
+    return {"grants": [grants.public_grant(ctx_of(request), g, with_reason=False) for g in found]}
 
 
 @router.get("/grants/{grant_id}")
 async def get_grant(request: Request, grant_id: str, principal: User) -> dict[str, Any]:
     grant = await grants.get_grant(ctx_of(request), principal, grant_id)
-    return grants.public_grant(grant, with_reason=True)
+    return grants.public_grant(ctx_of(request), grant, with_reason=True)
 
 
 @router.delete("/grants/{grant_id}")
 async def revoke_grant(request: Request, grant_id: str, principal: User) -> dict[str, Any]:
     grant = await grants.revoke_grant(ctx_of(request), principal, grant_id)
-    return grants.public_grant(grant, with_reason=False)
+    return grants.public_grant(ctx_of(request), grant, with_reason=False)
 
 
 @router.post("/break-glass", status_code=201)
@@ -73,13 +73,13 @@ async def open_break_glass(request: Request, body: NewBreakGlass, principal: Use
     grant = await grants.open_break_glass(
         ctx_of(request), principal, owner_org=body.owner_org, study_uid=body.study_uid, reason=body.reason
     )
-    return grants.public_grant(grant, with_reason=True)
+    return grants.public_grant(ctx_of(request), grant, with_reason=True)
 
 
 @router.get("/break-glass")
 async def list_break_glass(request: Request, principal: User, pending_review: bool = False) -> dict[str, Any]:
     found = await grants.list_grants(ctx_of(request), principal, "break_glass", pending_review=pending_review)
-    return {"grants": [grants.public_grant(g, with_reason=True) for g in found]}
+    return {"grants": [grants.public_grant(ctx_of(request), g, with_reason=True) for g in found]}
 
 
 @router.post("/break-glass/{grant_id}/review")
@@ -87,7 +87,7 @@ async def review_break_glass(
     request: Request, grant_id: str, body: Review, principal: User
 ) -> dict[str, Any]:
     grant = await grants.review_break_glass(ctx_of(request), principal, grant_id, body.outcome)
-    return grants.public_grant(grant, with_reason=True)
+    return grants.public_grant(ctx_of(request), grant, with_reason=True)
 
 
 Service = Annotated[Principal, Depends(current_service)]
