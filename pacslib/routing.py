@@ -37,6 +37,12 @@ ROUTES: tuple[Route, ...] = (
         "STOW-RS: store instances",
     ),
     Route(
+        "storage",
+        rf"{DICOMWEB_PREFIX}/studies/{_SEGMENT}/deidentify",
+        frozenset({"POST"}),
+        "de-identified copy of a study",
+    ),
+    Route(
         "render",
         rf"{DICOMWEB_PREFIX}/studies/.+/(rendered|thumbnail)",
         frozenset({"GET", "HEAD"}),
@@ -50,6 +56,12 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("auth", r"/(auth|oauth2|\.well-known)(/.*)?", None, "accounts, tokens, OIDC"),
     Route("audit", r"/audit(/.*)?", None, "audit log queries"),
+    Route(
+        "storage",
+        rf"/export/studies/{_SEGMENT}",
+        frozenset({"GET", "HEAD"}),
+        "study export as a ZIP archive",
+    ),
     Route("render", r"/viewer(/.*)?", frozenset({"GET", "HEAD"}), "browser viewer"),
 )
 

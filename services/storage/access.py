@@ -34,6 +34,7 @@ class Grants:
     orgs: frozenset[str] = frozenset()
     studies: Mapping[tuple[str, str], str] = field(default_factory=dict)  # (owner org, study UID) -> via
     disabled: bool = False
+    grant_ids: Mapping[tuple[str, str], str] = field(default_factory=dict)  # (owner org, study UID) -> grant
 
 
 @dataclass
@@ -104,6 +105,14 @@ class AccessChecker:
             return "share"
         return grants.studies.get((owner_org, study_uid))
 
+    def grant_of(self, principal: Principal, study_uid: str) -> str | None:
+        """The grant through which ``principal`` sees ``study_uid`` (a share or break-glass of that one
+        study), from the answer the access decision just used; no call to auth."""
+        hit = self._cache.get(principal.sub)
+        if hit is None:
+            return None
+        return next((g for (_, uid), g in hit[1].grant_ids.items() if uid == study_uid), None)
+
     async def scope(self, principal: Principal) -> AccessScope:
         """What a search by ``principal`` may see: their organization's studies, shares, break-glass."""
         if principal.kind != "user" or principal.org is None:
@@ -128,8 +137,14 @@ def _parse(doc: dict[str, Any]) -> Grants:
         for s in doc.get("studies", [])
         if s.get("org") and s.get("study_uid")
     }
+    grant_ids = {
+        (str(s["org"]), str(s["study_uid"])): str(s["grant_id"])
+        for s in doc.get("studies", [])
+        if s.get("org") and s.get("study_uid") and s.get("grant_id")
+    }
     return Grants(
         orgs=frozenset(str(o) for o in doc.get("orgs", [])),
         studies=studies,
         disabled=bool(doc.get("disabled")),
+        grant_ids=grant_ids,
     )

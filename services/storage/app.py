@@ -12,7 +12,9 @@ from pacslib.app import ReadinessCheck, base_app
 from pacslib.identity import build_service_tokens, build_verifier
 from services.storage import (
     bulkdata_routes,
+    deidentify_routes,
     delete_routes,
+    export_routes,
     frame_routes,
     internal,
     patient_lookup,
@@ -64,6 +66,8 @@ def create_app(settings: StorageSettings | None = None) -> FastAPI:
     app.include_router(frame_routes.router)
     app.include_router(bulkdata_routes.router)
     app.include_router(delete_routes.router)
+    app.include_router(deidentify_routes.router)
+    app.include_router(export_routes.router)
     app.include_router(internal.router)
     app.include_router(patient_lookup.router)
     app.include_router(render_source.router)

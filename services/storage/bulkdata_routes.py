@@ -55,6 +55,7 @@ async def retrieve_bulkdata_route(
         1,
         element=format_element_path(path),
         range=range_header[:64] if range_header and bulk.status == 206 else None,
+        status=bulk.status,
     )
     return StreamingResponse(
         body,

@@ -101,7 +101,15 @@ async def _retrieve(
         )
     body = await prefetched(multipart_instances(ctx, plan.parts, boundary))
     await record_retrieval(
-        request, principal, "instances", study, series, sop, len(plan.parts), omitted=plan.skipped or None
+        request,
+        principal,
+        "instances",
+        study,
+        series,
+        sop,
+        len(plan.parts),
+        omitted=plan.skipped or None,
+        status=status,
     )
     return StreamingResponse(
         body,
