@@ -53,7 +53,16 @@ def base_app(
     title: str, lifespan: Callable[[FastAPI], object], checks: Callable[[], Sequence[ReadinessCheck]]
 ) -> FastAPI:
     """A FastAPI app with the shared error handlers and health routes (no docs UI in production)."""
-    app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None)  # type: ignore[arg-type]
+    # FastAPI's own telemetry stays off: its spans would record url.path and url.query (study UIDs,
+    # and QIDO's PatientName and PatientID) once an exporter is configured, and its per-request spans,
+    # metrics and logs cost CPU on every call; TracingMiddleware below is the one tracing layer.
+    app = FastAPI(
+        title=title,
+        lifespan=lifespan,  # type: ignore[arg-type]
+        docs_url=None,
+        redoc_url=None,
+        telemetry={"tracing": False, "metrics": False, "logs": False},
+    )
     service_name = title.split()[-1]
     setup_tracing(service_name)
     app.add_middleware(TracingMiddleware, service_name=service_name)

@@ -7,6 +7,9 @@ from pacslib.tokens import HttpJwksSource, ServiceTokenClient, TokenVerifier
 
 # Roles that may see and store images (need-to-know: administrators and auditors do not by default).
 CLINICAL_ROLES = frozenset({"clinician"})
+# The built-in browser viewer (served by render at <issuer>/viewer/) is this public OAuth client at auth.
+VIEWER_CLIENT_ID = "cloudpacs-viewer"
+VIEWER_PATH = "/viewer/"
 
 
 def build_verifier(settings: ServiceSettings) -> TokenVerifier:

@@ -6,6 +6,9 @@ pinned: the header's ``alg`` must be one the verifier was configured with *and* 
 so ``alg=none``, HS256 signed with the public key, and every other algorithm confusion are refused.
 Issuer, audience, expiry, not-before and issued-at are checked against an injectable clock. Every
 failure raises ``pacslib.errors.UnauthorizedError`` (401) with a message a person can act on.
+The claims of a token whose signature checked out are remembered (by SHA-256 of the token, at most
+``VERIFIED_TOKENS`` of them, forgotten whenever the JWKS is fetched again): a token presented again is
+not verified again (~0.15 ms of CPU each), but its times are still checked on every use.
 
 ``require_principal(verifier)`` is the FastAPI dependency; ``ServiceTokenClient`` obtains this
 service's own token from auth with the OAuth 2.0 client-credentials grant.
@@ -14,6 +17,7 @@ service's own token from auth with the OAuth 2.0 client-credentials grant.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -37,6 +41,7 @@ Clock = Callable[[], float]
 _ALGORITHM_KEYS: dict[str, tuple[str, str]] = {"ES256": ("EC", "P-256"), "EdDSA": ("OKP", "Ed25519")}
 DEFAULT_ALGORITHMS = ("ES256",)
 MAX_TOKEN_BYTES = 8192
+VERIFIED_TOKENS = 4096  # verified tokens whose claims are remembered, per verifier
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +125,7 @@ class TokenVerifier:
         audience: str,
         algorithms: Collection[str] = DEFAULT_ALGORITHMS,
         cache_seconds: float = 300.0,
-        refetch_interval: float = 30.0,
+        refetch_interval: float = 1.0,
         leeway: float = 30.0,
         clock: Clock = time.time,
     ) -> None:
@@ -139,6 +144,7 @@ class TokenVerifier:
         self._fetched_at: float | None = None
         self._reachable = True  # whether the last fetch succeeded
         self._lock = asyncio.Lock()
+        self._verified: dict[bytes, dict[str, Any]] = {}  # SHA-256 of a verified token -> its claims
 
     @property
     def issuer(self) -> str:
@@ -177,6 +183,7 @@ class TokenVerifier:
                 if found is not None and found[0] in self._algorithms:
                     keys[jwk["kid"]] = found
             self._keys = keys
+            self._verified.clear()  # a key may be gone: every token is verified again
 
     async def _key_for(self, kid: str) -> tuple[str, Any]:
         now = self._clock()
@@ -196,6 +203,11 @@ class TokenVerifier:
         """Return the token's principal; UnauthorizedError for any invalid, expired or foreign token."""
         if not token or len(token) > MAX_TOKEN_BYTES:
             raise UnauthorizedError("invalid access token")
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        known = self._verified.get(digest)
+        fetched_at = self._fetched_at
+        if known is not None and fetched_at is not None and self._clock() - fetched_at < self._cache_seconds:
+            return self._principal(known)  # signature verified with the current keys; times checked now
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -228,7 +240,11 @@ class TokenVerifier:
             raise UnauthorizedError("the token was issued by another issuer") from None
         except jwt.PyJWTError:
             raise UnauthorizedError("invalid access token") from None
-        return self._principal(claims)
+        principal = self._principal(claims)
+        if len(self._verified) >= VERIFIED_TOKENS:
+            del self._verified[next(iter(self._verified))]  # the oldest
+        self._verified[digest] = claims
+        return principal
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         now = self._clock()

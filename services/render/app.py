@@ -1,4 +1,5 @@
-"""The render service: WADO-RS rendered and thumbnail resources, from frames storage sends one at a time."""
+"""The render service: WADO-RS rendered and thumbnail resources, from frames storage sends one at a time,
+and the browser viewer that shows them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from fastapi import FastAPI
 
 from pacslib.app import ReadinessCheck, base_app
 from pacslib.identity import build_service_tokens, build_verifier
-from services.render import routes
+from services.render import routes, viewer_routes
 from services.render.decode import quiet_pydicom
 from services.render.rendered import Renderer
 from services.render.settings import RenderSettings
@@ -47,4 +48,7 @@ def create_app(settings: RenderSettings | None = None) -> FastAPI:
 
     app = base_app("cloudpacs render", lifespan, checks)
     app.include_router(routes.router)
+    if settings.viewer:
+        app.state.viewer_files = viewer_routes.ViewerFiles.load(settings)
+        app.include_router(viewer_routes.router)
     return app

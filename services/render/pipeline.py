@@ -5,9 +5,9 @@ Grayscale: modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence), th
 range), then MONOCHROME1 inversion. Color: RGB (YBR already converted by the decoder) scaled to 8
 bits; PALETTE COLOR mapped through its lookup tables.
 
-For integer pixels of at most 16 bits the whole chain is computed once per possible stored value (at
-most 65,536 entries) and applied with one table lookup per pixel, which is what makes a 512x512 CT
-frame cost about a millisecond.
+For integer pixels of at most 16 bits the whole chain is computed once per stored value between the
+frame's smallest and largest (a few thousand for CT) and applied with one table lookup per pixel
+(``np.take``, about twice as fast as fancy indexing): about 0.4 ms of CPU for a 512x512 CT frame.
 """
 
 from __future__ import annotations
@@ -57,12 +57,15 @@ def apply_voi_lut(values: np.ndarray, lut: Lut) -> np.ndarray:
 
 def _grayscale(pixels: np.ndarray, module: PixelModule, requested: Window | None) -> np.ndarray:
     if pixels.dtype in TABLE_DTYPES:
-        unsigned = np.dtype(f"uint{pixels.dtype.itemsize * 8}")
-        domain = np.arange(2 ** (8 * pixels.dtype.itemsize), dtype=np.int64).astype(unsigned)
-        stored = domain.view(pixels.dtype)  # entry i holds the stored value whose bits read as i
         lo, hi = (int(pixels.min()), int(pixels.max())) if pixels.size else (0, 0)
-        table = _to_eight_bits(_voi(modality(stored, module), module, requested, lo, hi), module)
-        return np.asarray(table[np.ascontiguousarray(pixels).view(unsigned)])
+        stored = np.arange(lo, hi + 1, dtype=np.int64)  # every value the frame can hold, and no other
+        unsigned = np.dtype(f"uint{pixels.dtype.itemsize * 8}")
+        # Entry i of the table is the display value of the stored value whose bits read as i.
+        table = np.zeros(2 ** (8 * pixels.dtype.itemsize), dtype=np.uint8)
+        table[stored.astype(pixels.dtype).view(unsigned)] = _to_eight_bits(
+            _voi(modality(stored, module), module, requested, lo, hi), module
+        )
+        return np.take(table, np.ascontiguousarray(pixels).view(unsigned))
     values = pixels.astype(np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     return _to_eight_bits(_voi(modality(values, module), module, requested, low, high), module)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
+from pydicom.uid import UID
 
 from pacslib.errors import NotAcceptableError, ServiceUnavailableError, UnsupportedMediaTypeError
 from services.render.cache import ByteLRU
@@ -28,6 +29,9 @@ from services.render.pipeline import to_display
 from services.render.pixel_module import PixelModule, Window, parse_pixel_module
 from services.render.source import Caller, FrameSource, SourceInstance
 from services.render.workers import WorkPool
+
+# Frames of at most this many values (and images no larger) are rendered on the event loop.
+INLINE_MAX_VALUES = 512 * 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +88,10 @@ class Renderer:
         if sent.not_modified:
             if held is None or held.etag != sent.etag:
                 raise ServiceUnavailableError("storage confirmed a frame this service does not hold")
-            image = await self.pool.run(_render, held, params, ref.frame)
+            if _small(held.module, params):
+                image = _render(held, params, ref.frame)
+            else:
+                image = await self.pool.run(_render, held, params, ref.frame)
         else:
             assert sent.module is not None
             assert sent.data is not None
@@ -93,10 +100,12 @@ class Renderer:
                 raise NotAcceptableError(
                     f"frames of {module.columns}x{module.rows} pixels are larger than this service renders"
                 )
-            # Decode and render in one job: one hand-over to the worker threads per request.
-            decoded, image = await self.pool.run(
-                _decode_and_render, sent.etag, module, sent.data, params, ref.frame
-            )
+            if _small(module, params):
+                decoded, image = _decode_and_render(sent.etag, module, sent.data, params, ref.frame)
+            else:  # decode and render in one job: one hand-over to the worker threads per request
+                decoded, image = await self.pool.run(
+                    _decode_and_render, sent.etag, module, sent.data, params, ref.frame
+                )
             self.frames.put(key, decoded, decoded.pixels.nbytes)
         self.images.put((sent.etag, params), image, len(image))
         return image
@@ -144,6 +153,20 @@ class Renderer:
     async def close(self) -> None:
         self.pool.close()
         await self.source.close()
+
+
+def _small(module: PixelModule, params: RenderParams) -> bool:
+    """Whether rendering is cheap enough to do on the event loop rather than in a worker thread.
+
+    An uncompressed frame of up to 512x512 grayscale values (and an image no larger) renders in about
+    1 ms, mostly in Pillow's encoders, which hold the GIL: handing it to a worker thread and back cost
+    as much again in thread wake-ups, and more on a busy machine. Compressed frames (whose decoders
+    can take tens of milliseconds) and larger images still go to the pool.
+    """
+    values = module.rows * module.columns * module.samples_per_pixel
+    if params.viewport is not None:
+        values = max(values, params.viewport.width * params.viewport.height * module.samples_per_pixel)
+    return values <= INLINE_MAX_VALUES and not UID(module.transfer_syntax).is_encapsulated
 
 
 def _decode_and_render(

@@ -38,3 +38,10 @@ class RenderSettings(ServiceSettings):
     render_threads: int = Field(
         2, ge=1, le=64, description="Threads that decode and encode images (CPU-bound work)."
     )
+    viewer: bool = Field(True, description="Serve the browser viewer at <public URL>/viewer/.")
+    viewer_idle_seconds: int = Field(
+        900,
+        ge=5,
+        le=43200,
+        description="The viewer signs out after this many seconds without keyboard, mouse or touch input.",
+    )

@@ -1,10 +1,11 @@
 """Storage's internal frame source, as render calls it: one frame at a time, on behalf of a user.
 
 Every call carries render's own service token (``Authorization``) and the user's access token
-(``X-On-Behalf-Of``), plus the user's address and user agent so that storage's audit record names
-the real client. Storage decides access and records it; render never reads what storage did not
-send for this request. Errors from storage keep their status and message (404 for a study the user
-may not see, 401 for an expired token); anything else is a 503.
+(``X-On-Behalf-Of``), plus the user's address (``X-On-Behalf-Of-Address``) and user agent
+(``User-Agent``) so that storage's audit record names the real client; storage believes the address
+only from the render identity. Storage decides access and records it; render never reads what storage
+did not send for this request. Errors from storage keep their status and message (404 for a study the
+user may not see, 401 for an expired token); anything else is a 503.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import httpx
-
 from pacslib.errors import (
     BadRequestError,
     NotAcceptableError,
@@ -26,9 +25,13 @@ from pacslib.errors import (
     UnauthorizedError,
     UnsupportedMediaTypeError,
 )
+from pacslib.http11 import HttpResponse, HttpUnavailableError, KeepAliveClient
+from pacslib.telemetry import trace_headers
 from pacslib.tokens import ServiceTokenClient
 
 ON_BEHALF_OF = "X-On-Behalf-Of"
+ON_BEHALF_OF_ADDRESS = "X-On-Behalf-Of-Address"
+USER_AGENT_MAX = 256
 MODULE_LENGTH = "X-Pixel-Module-Length"
 PASSED_THROUGH: dict[int, type[PacsError]] = {
     400: BadRequestError,
@@ -74,22 +77,11 @@ class SourceInstance:
 
 
 class FrameSource:
-    """HTTP client of storage's ``/internal/render`` routes (one connection pool for the service)."""
+    """HTTP client of storage's ``/internal/render`` routes (kept-alive connections, see pacslib.http11)."""
 
-    def __init__(
-        self,
-        base_url: str,
-        tokens: ServiceTokenClient | None,
-        *,
-        timeout: float = 30.0,
-        client: httpx.AsyncClient | None = None,
-    ) -> None:
-        self._root = base_url.rstrip("/")
-        self._base = self._root + "/internal/render"
+    def __init__(self, base_url: str, tokens: ServiceTokenClient | None, *, timeout: float = 30.0) -> None:
         self._tokens = tokens
-        self._http = client or httpx.AsyncClient(
-            timeout=timeout, limits=httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        )
+        self._http = KeepAliveClient(base_url, timeout=timeout)
 
     async def frame(
         self, caller: Caller, study: str, series: str, sop: str, number: int, etag: str | None
@@ -97,52 +89,50 @@ class FrameSource:
         """Frame ``number`` (1-based); with ``etag``, storage may answer that the cached copy is current."""
         path = f"/studies/{_seg(study)}/series/{_seg(series)}/instances/{_seg(sop)}/frames/{number}"
         extra = {"If-None-Match": etag} if etag else {}
-        response = await self._get(caller, path, extra)
-        tag = response.headers.get("etag", "")
+        response = await self._get(caller, "/internal/render" + path, extra)
+        tag = response.header("etag") or ""
         if response.status_code == 304:
             return SourceFrame(etag=tag)
         try:
-            length = int(response.headers[MODULE_LENGTH])
+            length = int(response.header(MODULE_LENGTH) or "")
             module = json.loads(response.content[:length])
-        except (KeyError, ValueError):
+        except ValueError:
             raise ServiceUnavailableError("storage sent a frame render cannot read") from None
         return SourceFrame(etag=tag, module=module, data=response.content[length:])
 
     async def instances(self, caller: Caller, study: str, series: str | None) -> list[SourceInstance]:
         """The instances of a study or series in display order."""
         path = f"/studies/{_seg(study)}" + (f"/series/{_seg(series)}" if series else "") + "/instances"
-        response = await self._get(caller, path, {})
+        response = await self._get(caller, "/internal/render" + path, {})
         try:
             return [SourceInstance(**item) for item in response.json()]
         except (TypeError, ValueError):
             raise ServiceUnavailableError("storage sent an instance list render cannot read") from None
 
-    async def _get(self, caller: Caller, path: str, extra: dict[str, str]) -> httpx.Response:
+    async def _get(self, caller: Caller, path: str, extra: dict[str, str]) -> HttpResponse:
         if self._tokens is None:
             raise ServiceUnavailableError("render has no service identity to call storage with")
         headers = {
             **(await self._tokens.headers()),
             ON_BEHALF_OF: f"Bearer {caller.token}",
             **extra,
+            **forwarded_client(caller),
+            **trace_headers(),  # storage's access event carries the user's request's trace id
         }
-        if caller.client_ip:
-            headers["X-Forwarded-For"] = caller.client_ip
-        if caller.user_agent:
-            headers["User-Agent"] = caller.user_agent
         try:
-            response = await self._http.get(self._base + path, headers=headers)
-        except httpx.HTTPError as exc:
-            raise ServiceUnavailableError(
-                f"cannot reach the storage service ({type(exc).__name__})"
-            ) from None
+            response = await self._http.get(path, headers)
+        except HttpUnavailableError as exc:
+            log.warning("storage did not answer a render request: %s", exc)
+            raise ServiceUnavailableError("cannot reach the storage service") from None
         if response.status_code in (200, 304):
             return response
         raise _error(response)
 
     async def ping(self) -> None:
         """Raise when storage does not answer (render's readiness)."""
-        response = await self._http.get(self._root + "/healthz")
-        response.raise_for_status()
+        response = await self._http.get("/healthz", {})
+        if response.status_code != 200:
+            raise ServiceUnavailableError(f"storage is not ready (HTTP {response.status_code})")
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -150,7 +140,21 @@ class FrameSource:
             await self._tokens.close()
 
 
-def _error(response: httpx.Response) -> PacsError:
+def forwarded_client(caller: Caller) -> dict[str, str]:
+    """The headers that tell storage who the end user's client is (printable ASCII only)."""
+    headers = {}
+    if caller.client_ip:
+        headers[ON_BEHALF_OF_ADDRESS] = _printable(caller.client_ip)[:64]
+    if caller.user_agent:
+        headers["User-Agent"] = _printable(caller.user_agent)[:USER_AGENT_MAX]
+    return headers
+
+
+def _printable(text: str) -> str:
+    return "".join(c if " " <= c <= "~" else "?" for c in text).strip()
+
+
+def _error(response: HttpResponse) -> PacsError:
     try:
         message = str(response.json()["error"])
     except (ValueError, KeyError, TypeError):

@@ -11,11 +11,18 @@ A frame response is ``application/octet-stream``: the pixel attributes as UTF-8 
 ``X-Pixel-Module-Length``) followed by the frame's bytes as stored. Its ``ETag`` names the stored
 object and the frame; a request whose ``If-None-Match`` matches is answered 304 without reading the
 frame (render serves its cached copy only after this access check).
+
+The access event names the end user's client, not render: render sends the user's address in
+``X-On-Behalf-Of-Address`` (and their user agent as its own ``User-Agent``), and storage takes the
+address as the request's client only once the caller has proved to be the render identity, so neither
+a user nor another service can put an address of their choosing into the audit trail this way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import warnings
@@ -42,13 +49,14 @@ from services.storage import audit_trail
 from services.storage.access_deps import access_checker
 from services.storage.context import StorageContext
 from services.storage.instances import instance_metadata
-from services.storage.objects import open_reader
-from services.storage.ports import InstanceRecord
+from services.storage.objects import data_key, metadata_context, object_key, open_reader
+from services.storage.ports import InstanceRecord, ObjectNotFoundError
 from services.storage.routes import visible_instances
 
 # Service identities allowed to read frames for rendering.
 RENDERERS = frozenset({"render"})
 ON_BEHALF_OF = "X-On-Behalf-Of"
+ON_BEHALF_OF_ADDRESS = "X-On-Behalf-Of-Address"
 MODULE_LENGTH = "X-Pixel-Module-Length"
 MAX_FRAME_NUMBER = 10**9
 
@@ -117,7 +125,25 @@ async def _on_behalf_of(
         raise ForbiddenError("frames are rendered for users only")
     if not user.has_any_role(CLINICAL_ROLES):
         raise ForbiddenError("your roles do not allow this action")
+    _take_forwarded_address(request)
     return user
+
+
+def _take_forwarded_address(request: Request) -> None:
+    """Make the end user's address, as render sends it, this request's client (for the audit event).
+
+    Only called once the caller has proved to be the render identity; the address must be an IP
+    address, else the connection's own address stays (and is what the audit event records).
+    """
+    text = request.headers.get(ON_BEHALF_OF_ADDRESS, "").strip()
+    if not text:
+        return
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        log.warning("render sent a client address that is not an IP address; the connection's is recorded")
+        return
+    request.scope["client"] = (str(address), 0)
 
 
 RenderUser = Annotated[Principal, Depends(_on_behalf_of)]
@@ -159,11 +185,24 @@ async def render_frame(
         await _record(request, user, record, via, frame=number, sent_bytes=0, not_modified=True)
         return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-store"})
     ctx: StorageContext = request.app.state.ctx
-    doc = await instance_metadata(ctx, record)
-    data = await _read_frame(ctx, record, fragments)
-    module = await pixel_module(ctx, record, doc, number)
+    # The access is recorded while the frame is read and decrypted (the two waits overlap); the frame
+    # is only sent once the record is durable, and a record that fails refuses the request (503).
+    sent_bytes = sum(length for _, length in fragments)
+    recording = asyncio.ensure_future(
+        _record(request, user, record, via, frame=number, sent_bytes=sent_bytes, not_modified=None)
+    )
+    try:
+        dek, reader = await _open_object(ctx, record, sent_bytes)
+        doc = _metadata(record, dek)
+        data = await _read_frame(record, reader, fragments)
+        module = await pixel_module(ctx, record, doc, number)
+    except BaseException:
+        # Never leave a publish half-done behind an error: let it finish, then answer the error.
+        with contextlib.suppress(Exception):
+            await recording
+        raise
+    await recording
     head = json.dumps(module, separators=(",", ":")).encode()
-    await _record(request, user, record, via, frame=number, sent_bytes=len(data), not_modified=None)
     return Response(
         content=head + data,
         media_type="application/octet-stream",
@@ -255,11 +294,62 @@ def _fragments(record: InstanceRecord, number: int) -> list[tuple[int, int]]:
     return [(int(offset), int(length)) for offset, length in record.frames[number - 1]]
 
 
-async def _read_frame(ctx: StorageContext, record: InstanceRecord, fragments: list[tuple[int, int]]) -> bytes:
+def _metadata(record: InstanceRecord, dek: bytes) -> dict[str, Any]:
+    """The instance's DICOM JSON metadata, decrypted with its (already unwrapped) data key."""
+    try:
+        plain = envelope.decrypt_bytes(dek, metadata_context(record.object_id), record.metadata)
+    except envelope.IntegrityError as exc:
+        raise IntegrityFailureError("stored metadata failed its integrity check") from exc
+    doc: dict[str, Any] = json.loads(plain)
+    return doc
+
+
+async def _open_object(
+    ctx: StorageContext, record: InstanceRecord, frame_bytes: int
+) -> tuple[bytes, envelope.RangeReader]:
+    """The object's data key (unwrapped once, for the metadata and the frame) and a reader of it.
+
+    The key is unwrapped while the object is being read. When the frame is at least half of the
+    object (a single-frame image), the whole object is read at once, in one request to the object
+    store instead of three (its size, the envelope header, the frame's segments); the reader then
+    decrypts from memory, and only the segments that cover the frame.
+    """
+    key = object_key(record.object_id)
+    # More than the ciphertext of ``record.size`` plaintext bytes can be: a shorter answer is the whole
+    # object (the store answers less only at the object's end).
+    bound = record.size + record.size // 16 + envelope.HEADER_SIZE + envelope.TAG_SIZE + 1
+    whole = 2 * frame_bytes >= record.size
+    try:
+        dek, found = await asyncio.gather(
+            data_key(ctx, record.object_id),
+            ctx.objects.read_range(key, 0, bound) if whole else ctx.objects.size(key),
+        )
+    except ObjectNotFoundError:
+        raise IntegrityFailureError("a stored object is missing from the object store") from None
+    if isinstance(found, bytes):
+        if len(found) < bound:
+            content = found
+
+            async def from_memory(start: int, end: int) -> bytes:
+                return content[start:end]
+
+            return dek, envelope.RangeReader(dek, record.object_id, len(content), from_memory)
+        found = await ctx.objects.size(key)  # larger than its record says: read it in parts
+    if found is None:
+        raise IntegrityFailureError("a stored object is missing from the object store")
+
+    async def read_range(start: int, end: int) -> bytes:
+        return await ctx.objects.read_range(key, start, end)
+
+    return dek, envelope.RangeReader(dek, record.object_id, found, read_range)
+
+
+async def _read_frame(
+    record: InstanceRecord, reader: envelope.RangeReader, fragments: list[tuple[int, int]]
+) -> bytes:
     """The frame's bytes: one read over the span of its fragments, decrypting only those segments."""
     start = min(offset for offset, _ in fragments)
     end = max(offset + length for offset, length in fragments)
-    reader = await open_reader(ctx, record.object_id)
     try:
         span = await reader.read(start, end)
     except envelope.IntegrityError as exc:
