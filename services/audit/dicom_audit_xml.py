@@ -157,6 +157,7 @@ EVENTS: dict[str, EventSpec] = {
     # Storage's key-encryption keys rotated or every data key re-wrapped (an operator command).
     "pacs.storage.kek.rotated": EventSpec(_ALERT, "U", SECURITY_CONFIGURATION, ("key",)),
     "pacs.storage.kek.rewrapped": EventSpec(_ALERT, "U", SECURITY_CONFIGURATION, ("key",)),
+    "pacs.audit.kek.rewrapped": EventSpec(_ALERT, "U", SECURITY_CONFIGURATION, ("key",)),
     "pacs.audit.malformed": EventSpec(_ALERT, "E", None, ("bus_record",)),
     # The audit service's own records: retention redacted or deleted old records of the log.
     "pacs.audit.retention.applied": EventSpec(AUDIT_LOG_USED, "D", None, ("audit_log",)),

@@ -5,20 +5,30 @@ re-wraps the audit service's own keys and the data key of every record's sealed 
 KEK. Only wrapped keys change, never a ciphertext, so the hash chain is untouched. Run it before an
 old KEK is retired from the keyring: whatever it still wraps would become unreadable. Open view
 aggregates (``PACS_AUDIT_AGGREGATION_WINDOW_SECONDS``) are chained within their window; run it again
-after that window when aggregation is on.
+after that window when aggregation is on. Each run that re-wraps something is itself recorded in the
+chain (``pacs.audit.kek.rewrapped``: counts, the active KEK id, and the operating-system account and host
+that ran it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
+import socket
 import sys
+import uuid
+from datetime import UTC, datetime
 
 from pacslib.keyring import Keyring
-from services.audit.keys import CONTEXTS
+from services.audit.keys import CONTEXTS, load_keys
 from services.audit.phi import key_context
-from services.audit.ports import AuditStore, WrappedKey
+from services.audit.ports import AuditStore, AuditTx, WrappedKey
+from services.audit.records import utc_text
+from services.audit.service_records import chain_drafts, service_draft, transact_retrying
 from services.audit.settings import AuditSettings
+
+REWRAPPED = "pacs.audit.kek.rewrapped"
 
 BATCH = 500
 
@@ -50,10 +60,41 @@ async def _rewrap(settings: AuditSettings) -> tuple[int, int]:
 
     store = build_store(settings)
     await store.init()
+    keyring = Keyring.load(settings.resolved_keyring_path())
     try:
-        return await rewrap_all(store, Keyring.load(settings.resolved_keyring_path()))
+        keys, records = await rewrap_all(store, keyring)
+        if keys or records:
+            await record_rewrap(store, keyring, keys, records)
+        return keys, records
     finally:
         await store.close()
+
+
+def _operator() -> str:
+    """Who runs the command: the operating-system account and host (there is no token here)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"os:{user}@{socket.gethostname()}"[:128]
+
+
+async def record_rewrap(store: AuditStore, keyring: Keyring, keys: int, records: int) -> None:
+    """Append the ``pacs.audit.kek.rewrapped`` record of a re-wrap run to the chain."""
+    audit_keys = await load_keys(store, keyring)
+    now = utc_text(datetime.now(UTC))
+    draft = service_draft(
+        REWRAPPED,
+        f"kek-rewrap-{uuid.uuid4().hex}",
+        now,
+        subject=keyring.active_id,
+        details={"keys": keys, "records": records, "kek_id": keyring.active_id, "operator": _operator()},
+    )
+
+    async def work(tx: AuditTx) -> None:
+        await chain_drafts(tx, audit_keys.mac_key, [draft], now)
+
+    await transact_retrying(store, work)
 
 
 def main(argv: list[str] | None = None) -> int:

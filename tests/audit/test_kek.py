@@ -8,12 +8,12 @@ from pacslib.keyring import Keyring
 from services.audit import phi
 from services.audit.appender import Appender
 from services.audit.drafts import DraftBuilder
-from services.audit.kek import rewrap_all
+from services.audit.kek import REWRAPPED, record_rewrap, rewrap_all
 from services.audit.keys import AuditKeys, load_keys
 from services.audit.patients import PatientResolver
 from services.audit.phi import Patient
 from services.audit.ports import AuditStore
-from services.audit.records import normalize
+from services.audit.records import RecordBody, normalize
 from services.audit.verify import verify_store
 from tests.audit.conftest import login_event, view_event
 
@@ -52,3 +52,19 @@ async def test_rewrap_lets_the_old_kek_be_retired(
         assert record.phi.kek_id == reloaded.active_id
         assert phi.unseal(reloaded, record.id, record.phi).patients == [patient]
     assert (await verify_store(store, again)).ok
+
+
+async def test_a_rewrap_run_is_recorded_in_the_chain(
+    store: AuditStore, keyring: Keyring, keys: AuditKeys
+) -> None:
+    await Appender(store, keys.mac_key).write([normalize(login_event("u-1", "org-a")).draft])
+    keyring.rotate()
+    counts = await rewrap_all(store, keyring)
+    await record_rewrap(store, keyring, *counts)
+    [record] = [r for r in await store.records_after(0, 10) if r.action == REWRAPPED]
+    body = RecordBody.model_validate_json(record.body)
+    assert body.where.service == "audit"
+    assert body.details["kek_id"] == keyring.active_id
+    assert body.details["keys"] == counts[0]
+    assert str(body.details["operator"]).startswith("os:")
+    assert (await verify_store(store, keys)).ok
