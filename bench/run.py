@@ -335,6 +335,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-install", dest="install", action="store_false", help="do not install Orthanc")
     p.add_argument("--scale", type=int, default=0, help="scale mode: load this many studies, measure QIDO")
     p.add_argument("--scale-adapters", default="sqlite,mongodb", help="metadata adapters for scale mode")
+    p.add_argument(
+        "--scale-one-by-one",
+        action="store_true",
+        help="scale mode: index studies one at a time as STOW-RS does (default: bulk batches)",
+    )
     args = p.parse_args(argv)
     args.targets = [t for t in args.targets.split(",") if t]
     args.phases = [x for x in args.phases.split(",") if x]

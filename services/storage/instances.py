@@ -11,9 +11,10 @@ from pacslib import envelope
 from pacslib.errors import BadRequestError, IntegrityFailureError
 from pacslib.events import INSTANCE_STORED, TOPIC_AUDIT, TOPIC_INSTANCES, Event
 from services.storage.audit_trail import STORED
+from services.storage.blind_index import BlindIndex
 from services.storage.context import StorageContext
 from services.storage.objects import data_key, discard_object, metadata_context
-from services.storage.ports import InstanceRecord, PutOutcome
+from services.storage.ports import InstanceRecord, PutOutcome, SearchEntry
 from services.storage.qido import search_entry
 
 
@@ -35,20 +36,14 @@ class NewInstance:
     actor: dict[str, Any] | None = None  # who stored it and from where (for the access event)
 
 
-async def index_instance(
-    ctx: StorageContext, new: NewInstance, *, traceparent: str | None = None
-) -> PutOutcome:
-    """Index a written object as an instance and enqueue ``instance.stored`` in the same transaction.
+def instance_rows(
+    index: BlindIndex, new: NewInstance, dek: bytes, *, traceparent: str | None = None
+) -> tuple[InstanceRecord, SearchEntry, list[tuple[str, str, bytes]]]:
+    """What indexing ``new`` writes: its record (metadata sealed with ``dek``), search entry and events.
 
-    The same transaction makes the instance searchable (QIDO-RS): its blind-index tokens, and its
-    study and series rows with their sealed documents. A re-sent identical instance is a no-op
-    (DUPLICATE); different content under an existing SOP Instance UID is refused (CONFLICT); an
-    instance for a study (or SOP Instance UID) of another organization is refused (FOREIGN). In each
-    of these cases the newly written copy is discarded.
+    Used by ``index_instance`` and by bulk loads (``MetadataStore.load_new_studies``), so both index
+    exactly the same rows.
     """
-    if await ctx.metadata.get_data_key(new.object_id) is None:
-        raise BadRequestError("unknown object id: write the object before indexing it")
-    dek = await data_key(ctx, new.object_id)
     sealed = envelope.encrypt_bytes(dek, metadata_context(new.object_id), json.dumps(new.metadata).encode())
     now = time.time()
     record = InstanceRecord(
@@ -66,7 +61,7 @@ async def index_instance(
         owner_org=new.owner_org,
     )
     search = search_entry(
-        ctx.index,
+        index,
         dek,
         new.metadata,
         study_uid=new.study_uid,
@@ -110,6 +105,24 @@ async def index_instance(
             },
         )
         events.append((TOPIC_AUDIT, new.study_uid, stored.encode()))
+    return record, search, events
+
+
+async def index_instance(
+    ctx: StorageContext, new: NewInstance, *, traceparent: str | None = None
+) -> PutOutcome:
+    """Index a written object as an instance and enqueue ``instance.stored`` in the same transaction.
+
+    The same transaction makes the instance searchable (QIDO-RS): its blind-index tokens, and its
+    study and series rows with their sealed documents. A re-sent identical instance is a no-op
+    (DUPLICATE); different content under an existing SOP Instance UID is refused (CONFLICT); an
+    instance for a study (or SOP Instance UID) of another organization is refused (FOREIGN). In each
+    of these cases the newly written copy is discarded.
+    """
+    if await ctx.metadata.get_data_key(new.object_id) is None:
+        raise BadRequestError("unknown object id: write the object before indexing it")
+    dek = await data_key(ctx, new.object_id)
+    record, search, events = instance_rows(ctx.index, new, dek, traceparent=traceparent)
     result = await ctx.metadata.put_instance(record, events, search)
     if result.outcome is PutOutcome.STORED:
         ctx.relay.notify()

@@ -134,6 +134,20 @@ class SearchEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class BulkInstance:
+    """One instance of a bulk load (``MetadataStore.load_new_studies``).
+
+    ``key`` is the wrapped data key of ``record.object_id`` (recorded by the load itself, never
+    pending); ``events`` go to the outbox as ``put_instance``'s would.
+    """
+
+    record: InstanceRecord
+    key: WrappedKey
+    search: SearchEntry
+    events: tuple[tuple[str, str, bytes], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TokenClause:
     """Matches rows that hold at least one of ``tokens``.
 
@@ -298,6 +312,17 @@ class MetadataStore(Protocol):
         (counts, modalities, SOP classes); without it the instance is retrievable but not searchable.
         When an instance with the same SOP Instance UID exists, nothing is written and the outcome is
         DUPLICATE (same sha256) or CONFLICT (different content), with the existing record.
+        """
+        ...
+
+    async def load_new_studies(self, batch: Sequence[BulkInstance]) -> None:
+        """Bulk load (a migration, the benchmark's scale mode): index instances of studies not stored yet.
+
+        One transaction writes every instance's data key (already indexed: no pending phase), its
+        record, the search rows exactly as ``put_instance`` would build them one instance at a time,
+        and its events. ValueError, with nothing written, when a study or SOP Instance UID of the batch
+        is already stored, an object id or SOP Instance UID repeats, or a study's instances disagree on
+        its owner.
         """
         ...
 

@@ -43,6 +43,7 @@ from services.storage.qido_attributes import (
 )
 from services.storage.query_model import AccessScope, Condition, QidoQuery, UidCondition, values_at
 
+_MARKER_BYTES = MARKER_PREFIX.encode()
 SCAN_BATCH = 500  # candidate rows fetched (and checked) per round when conditions need decryption
 MAX_PARENTS = 5000  # studies (or series) a series or instance search may narrow to by upper-level keys
 
@@ -114,8 +115,8 @@ def search_entry(
     )
 
 
-def _open(ctx: StorageContext, row: IndexRow) -> dict[str, Any]:
-    """Decrypt a row's document."""
+def _open(ctx: StorageContext, row: IndexRow) -> tuple[dict[str, Any], bool]:
+    """Decrypt a row's document; also say whether it holds bulk data markers."""
     contexts = {
         Level.STUDY: study_document_context,
         Level.SERIES: series_document_context,
@@ -127,7 +128,7 @@ def _open(ctx: StorageContext, row: IndexRow) -> dict[str, Any]:
     except envelope.IntegrityError as exc:
         raise IntegrityFailureError("a stored search document failed its integrity check") from exc
     doc: dict[str, Any] = json.loads(plain)
-    return doc
+    return doc, _MARKER_BYTES in plain
 
 
 def _element(vr: str, values: Sequence[Any]) -> dict[str, Any]:
@@ -153,6 +154,7 @@ def _computed(row: IndexRow) -> dict[str, Any]:
 class _Hit:
     row: IndexRow
     doc: dict[str, Any] | None = None
+    markers: bool = False  # the document holds bulk data markers (to rewrite to BulkDataURIs)
 
 
 # -- searching ------------------------------------------------------------------------------------
@@ -225,10 +227,10 @@ class _Searcher:
                 self._examined += 1
                 if self._examined > cap:
                     raise _too_broad(cap)
-                doc = _open(self._ctx, row)
+                doc, markers = _open(self._ctx, row)
                 probe = {**doc, **_computed(row)}
                 if all(c.matches(values_at(probe, c.key.path)) for c in residual):
-                    matched.append(_Hit(row, doc))
+                    matched.append(_Hit(row, doc, markers))
                     if len(matched) >= need:
                         break
             if len(batch) < SCAN_BATCH:
@@ -301,8 +303,9 @@ async def search(ctx: StorageContext, query: QidoQuery, scope: AccessScope, base
     wanted = None if query.include_all else return_tags(query)
     documents = []
     for hit in hits:
-        doc = hit.doc if hit.doc is not None else _open(ctx, hit.row)
-        documents.append(_result(hit.row, doc, parents, base_url, wanted))
+        doc, markers = (hit.doc, hit.markers) if hit.doc is not None else _open(ctx, hit.row)
+        result = _result(hit.row, doc, parents, base_url, wanted)
+        documents.append(_public_bulk_uris(result, hit.row, base_url) if markers else result)
     return SearchResult(documents, more)
 
 
@@ -378,8 +381,7 @@ def _result(
         available[SOP_UID] = _element("UI", [row.sop_uid])
     available[RETRIEVE_URL] = _element("UR", [_retrieve_url(row, base_url)])
     chosen = available if wanted is None else {t: v for t, v in available.items() if t in wanted}
-    result = {t: chosen[t] for t in sorted(chosen)}
-    return _public_bulk_uris(result, row, base_url)
+    return {t: chosen[t] for t in sorted(chosen)}
 
 
 def _public_bulk_uris(result: dict[str, Any], row: IndexRow, base_url: str) -> dict[str, Any]:

@@ -14,7 +14,11 @@ import pytest
 
 from services.storage.adapters.sqlite import SqliteMetadataStore
 from services.storage.ports import (
+    BulkInstance,
+    DeleteOutcome,
+    Deletion,
     IndexQuery,
+    IndexRow,
     InstanceRecord,
     Level,
     MetadataStore,
@@ -715,3 +719,216 @@ async def test_search_rows_persist_across_reopen(
         assert seqs[1] > seqs[0]  # numbering continues
     finally:
         await reopened.close()
+
+
+# -- bulk loads ----------------------------------------------------------------------------------
+def bulk_item(
+    sop_uid: str,
+    search: SearchEntry,
+    *,
+    study_uid: str,
+    series_uid: str = SERIES_A,
+    sop_class_uid: str = CT_CLASS,
+    owner_org: str | None = "org-a",
+) -> BulkInstance:
+    new = replace(
+        record(sop_uid, uuid.uuid4().hex, series_uid=series_uid, study_uid=study_uid),
+        sop_class_uid=sop_class_uid,
+        owner_org=owner_org,
+    )
+    return BulkInstance(new, KEY_1, search, ((TOPIC, study_uid, f"bulk {sop_uid}".encode()),))
+
+
+def _three(study_uid: str, prefix: str) -> list[tuple[str, SearchEntry, str, str]]:
+    """Three instances in two series: (sop uid, entry, series uid, SOP class)."""
+    return [
+        (
+            f"{prefix}.1",
+            entry({10}, aggregate={100}, series={20}, instance={30}, owner=500, tag=b"one"),
+            SERIES_A,
+            CT_CLASS,
+        ),
+        (
+            f"{prefix}.2",
+            entry({11}, aggregate={101}, series={21}, instance={31}, owner=600, tag=b"two"),
+            SERIES_A,
+            CT_CLASS,
+        ),
+        (
+            f"{prefix}.3",
+            entry({12}, aggregate={102}, series={22}, instance={32}, modality="MR", tag=b"three"),
+            SERIES_B,
+            MR_CLASS,
+        ),
+    ]
+
+
+def _rows(rows: list[IndexRow]) -> list[tuple[object, ...]]:
+    """What a row says, without its identity (UIDs, seq, sealing object)."""
+    return [
+        (r.series_uid, r.document, r.key, r.series_count, r.instance_count, r.modalities, r.sop_classes)
+        for r in rows
+    ]
+
+
+async def test_load_new_studies_writes_the_rows_put_instance_would(metadata_store: MetadataStore) -> None:
+    for sop, search, series, sop_class in _three(STUDY, "1"):
+        await put_searchable(metadata_store, sop, search, series_uid=series, sop_class_uid=sop_class)
+    batch = [
+        bulk_item(sop, search, study_uid="9.1", series_uid=series, sop_class_uid=sop_class)
+        for sop, search, series, sop_class in _three("9.1", "2")
+    ]
+    batch.append(bulk_item("3.1", entry({13}, instance={33}, owner=700), study_uid="9.2", series_uid="9.2.1"))
+    await metadata_store.load_new_studies(batch)
+
+    by_study: dict[str, dict[Level, list[IndexRow]]] = {}
+    for level in Level:
+        for row in await metadata_store.search(IndexQuery(level, limit=100)):
+            by_study.setdefault(row.study_uid, {}).setdefault(level, []).append(row)
+    put, bulk = by_study[STUDY], by_study["9.1"]
+    for level in Level:
+        assert [r.seq for r in bulk[level]] > [r.seq for r in put[level]]  # numbering continues
+        if level is not Level.INSTANCE:
+            assert _rows(bulk[level]) == _rows(put[level]), level
+    assert [r.sop_uid for r in bulk[Level.INSTANCE]] == ["2.1", "2.2", "2.3"]
+    assert [r.document for r in bulk[Level.INSTANCE]] == [i.record.metadata for i in batch[:3]]
+    assert bulk[Level.STUDY][0].sealed_by == batch[0].record.object_id
+    assert by_study["9.2"][Level.STUDY][0].instance_count == 1
+    # The same tokens, on the same levels: each of these finds one row of each study.
+    for level, token, rows in [
+        (Level.STUDY, 10, 2),
+        (Level.STUDY, 102, 2),
+        (Level.STUDY, 11, 0),  # a later instance's own study tokens are not the study's
+        (Level.STUDY, 500, 2),  # the first instance's owner token, inherited by every row
+        (Level.SERIES, 500, 4),
+        (Level.INSTANCE, 500, 6),
+        (Level.INSTANCE, 600, 0),
+        (Level.SERIES, 21, 0),
+        (Level.SERIES, 22, 2),
+        (Level.INSTANCE, 31, 2),
+        (Level.STUDY, 700, 1),
+    ]:
+        assert len(await found(metadata_store, level, clause(token))) == rows, (level, token)
+    # Data keys recorded as indexed (never pending), events in the outbox in batch order.
+    assert await metadata_store.get_data_key(batch[1].record.object_id) == KEY_1
+    assert await pending_ids(metadata_store) == []
+    bodies = [e.body for e in await metadata_store.outbox_batch(100)]
+    assert bodies[-4:] == [b"bulk 2.1", b"bulk 2.2", b"bulk 2.3", b"bulk 3.1"]
+    assert (await metadata_store.get_instance("9.1", SERIES_B, "2.3")) == batch[2].record
+    # put_instance goes on numbering after a bulk load, into a bulk-loaded study too.
+    await put_searchable(metadata_store, "2.4", entry({14}, aggregate={104}), study_uid="9.1")
+    (study,) = [r for r in await metadata_store.search(IndexQuery(Level.STUDY, (clause(104),)))]
+    assert (study.study_uid, study.instance_count, study.series_count) == ("9.1", 4, 2)
+
+
+async def test_load_new_studies_refuses_stored_studies_and_repeats(metadata_store: MetadataStore) -> None:
+    await put_searchable(metadata_store, "1.1", entry({10}))
+    fresh = bulk_item("2.1", entry({11}), study_uid="9.1")
+    bad_batches = [
+        [fresh, bulk_item("1.9", entry({12}), study_uid=STUDY)],  # a study already stored
+        [fresh, bulk_item("1.1", entry({12}), study_uid="9.2")],  # a SOP instance already stored
+        [fresh, replace(fresh, key=WrappedKey("kek-1", b"other"))],  # the same SOP instance twice
+        [fresh, bulk_item("2.2", entry({12}), study_uid="9.1", owner_org="org-b")],  # two owners
+    ]
+    for batch in bad_batches:
+        with pytest.raises(ValueError, match="bulk load"):
+            await metadata_store.load_new_studies(batch)
+    assert await found(metadata_store, Level.STUDY, clause(11)) == []  # nothing was written
+    assert await metadata_store.get_data_key(fresh.record.object_id) is None
+    await metadata_store.load_new_studies([])
+    await metadata_store.load_new_studies([fresh])
+    assert len(await found(metadata_store, Level.STUDY, clause(11))) == 1
+
+
+async def test_access_clauses_over_several_owners(metadata_store: MetadataStore) -> None:
+    """Clauses of owner (access) tokens: alone, together, with another token; as rows come and go."""
+    a, b, shared = 500, 600, 9001  # two owners' access tokens, and the token of one of B's studies
+    owners: list[int | None] = []
+    tokens_of: list[set[int]] = []
+
+    async def put(n: int, owner: int | None) -> None:
+        tokens = {1} | ({2} if n % 2 == 0 else set()) | ({shared} if n == 7 else set())
+        owners.append(owner)
+        tokens_of.append(tokens | ({owner} if owner is not None else set()))
+        await put_searchable(
+            metadata_store,
+            f"{n}.1",
+            entry(tokens, series=tokens, instance=tokens, owner=owner),
+            study_uid=f"9.{n}",
+            series_uid=f"9.{n}.1",
+            owner_org=None if owner is None else f"org-{owner}",
+        )
+
+    for n in range(24):
+        await put(n, b if n % 3 == 0 else a)
+
+    async def check(live: list[int]) -> None:
+        seqs = await found(metadata_store, Level.STUDY, limit=1000)
+        assert len(seqs) == len(live)
+        rows = dict(zip(live, seqs, strict=True))
+
+        def model(*clauses: set[int]) -> list[int]:
+            return [rows[n] for n in live if all(tokens_of[n] & c for c in clauses)]
+
+        for clauses in ([{a}], [{b}], [{a, b}], [{a, shared}], [{a, b}, {2}], [{a, shared}, {2}], [{b}, {1}]):
+            expected = model(*clauses)
+            query = [clause(*c, rank=5 if c & {a, b} else 1) for c in clauses]
+            for offset, limit in ((0, 100), (3, 4), (len(expected) - 2, 10)):
+                got = await found(metadata_store, Level.STUDY, *query, offset=max(offset, 0), limit=limit)
+                assert got == expected[max(offset, 0) : max(offset, 0) + limit], (clauses, offset)
+        for level in (Level.SERIES, Level.INSTANCE):
+            assert len(await found(metadata_store, level, clause(a, b, rank=5), limit=1000)) == len(
+                [n for n in live if owners[n] is not None]
+            )
+
+    await check(list(range(24)))  # every row is A's or B's: {A, B} filters nothing
+    await put(24, None)  # a row of no owner: {A, B} filters again
+    await put(25, a)
+    await check(list(range(26)))
+    deletion = Deletion(
+        "9.4", None, None, frozenset({(await metadata_store.list_instances("9.4"))[0].object_id}), {}
+    )
+    assert await metadata_store.delete_instances(deletion, []) is DeleteOutcome.DELETED
+    await check([n for n in range(26) if n != 4])
+
+
+async def test_search_rows_report_the_current_data_key(metadata_store: MetadataStore) -> None:
+    """After a re-wrap or a delete, every search row reports the key that now seals its document."""
+    first = await put_searchable(metadata_store, "1.1", entry({10}, series={20}, instance={30}, tag=b"one"))
+    second_entry = entry({10}, series={20}, instance={30}, tag=b"two")
+    second = await put_searchable(metadata_store, "1.2", second_entry)
+    bulk = bulk_item("2.1", entry({10}, series={20}, instance={30}), study_uid="9.1")
+    await metadata_store.load_new_studies([bulk])
+    rewrapped = {
+        first.object_id: WrappedKey("kek-2", b"\x00first, rewrapped"),
+        bulk.record.object_id: WrappedKey("kek-2", b"\x00bulk, rewrapped"),
+    }
+    for object_id, key in rewrapped.items():
+        assert await metadata_store.replace_data_key(object_id, KEY_1, key)
+
+    async def keys(level: Level) -> dict[str, WrappedKey]:
+        return {
+            r.sealed_by: r.key
+            for r in await metadata_store.search(IndexQuery(level, (clause(10 + 10 * level),)))
+        }
+
+    expected = {**rewrapped, second.object_id: KEY_1}
+    for level in Level:
+        found_keys = await keys(level)
+        assert found_keys == {k: v for k, v in expected.items() if k in found_keys}, level
+        assert first.object_id in found_keys
+        assert bulk.record.object_id in found_keys
+    # Deleting the first instance seals the study and series again under the second one's key.
+    deletion = Deletion(
+        STUDY,
+        SERIES_A,
+        "1.1",
+        frozenset({first.object_id}),
+        {second.object_id: second_entry},
+    )
+    assert await metadata_store.delete_instances(deletion, []) is DeleteOutcome.DELETED
+    for level in (Level.STUDY, Level.SERIES):
+        assert (await keys(level))[second.object_id] == KEY_1, level
+    assert await metadata_store.replace_data_key(second.object_id, KEY_1, WrappedKey("kek-3", b"\x00second"))
+    for level in Level:
+        assert (await keys(level))[second.object_id] == WrappedKey("kek-3", b"\x00second"), level

@@ -371,3 +371,46 @@ async def test_search_survives_restart_and_kek_rotation(tmp_path: Path) -> None:
         assert names(await find(again, Level.STUDY, {"PatientName": "ROTA*"})) == ["ROTA^TION"]
     finally:
         await again.close()
+
+
+async def test_bulk_data_markers_become_bulk_data_uris(ctx: StorageContext) -> None:
+    """Instance metadata keeps bulk data as markers; a search returns them as absolute BulkDataURIs."""
+    study, series = new_uid(), new_uid()
+    plain = await store(ctx, study, series, PatientName="BULK^ONE", PatientID="BULK-1")
+    # An instance whose metadata holds a marker, as ingest stores large binary values.
+    marked_sop = new_uid()
+    object_id = uuid.uuid4().hex
+    kek_id, wrapped = ctx.keyring.wrap(envelope.new_data_key(), envelope.dek_context(object_id))
+    await ctx.metadata.add_pending_object(object_id, WrappedKey(kek_id, wrapped), time.time())
+    metadata = {
+        "00080018": {"vr": "UI", "Value": [marked_sop]},
+        "00420011": {"vr": "OB", "BulkDataURI": "pacs-bulk:00420011;0;2048"},
+    }
+    await index_instance(
+        ctx,
+        NewInstance(
+            study_uid=study,
+            series_uid=series,
+            sop_uid=marked_sop,
+            sop_class_uid=CTImageStorage,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            object_id=object_id,
+            size=0,
+            sha256=EMPTY_SHA256,
+            metadata=metadata,
+            frames=None,
+        ),
+    )
+
+    docs = await find(ctx, Level.INSTANCE, {"includefield": "all"}, study=study, series=series)
+    by_sop = {value(d, "SOPInstanceUID"): d for d in docs}
+    instance = f"{BASE}/studies/{study}/series/{series}/instances/{marked_sop}"
+    assert by_sop[marked_sop]["00420011"] == {"vr": "OB", "BulkDataURI": f"{instance}/bulkdata/00420011"}
+    assert "00420011" not in by_sop[plain]
+    assert "pacs-bulk:" not in str(docs)
+    # Without includefield the marked attribute is not returned, and nothing else changes.
+    (default,) = [
+        d for d in await find(ctx, Level.INSTANCE, study=study) if value(d, "SOPInstanceUID") == marked_sop
+    ]
+    assert "00420011" not in default
+    assert "pacs-bulk:" not in str(default)

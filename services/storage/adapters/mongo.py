@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from bson.int64 import Int64
 from pymongo import ASCENDING, AsyncMongoClient, ReturnDocument
@@ -25,8 +25,9 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError
 
-from services.storage.adapters.search_rows import RebuiltRow, Survivor, rebuilt_rows
+from services.storage.adapters.search_rows import NewStudy, RebuiltRow, Survivor, new_studies, rebuilt_rows
 from services.storage.ports import (
+    BulkInstance,
     DeleteOutcome,
     Deletion,
     IndexQuery,
@@ -38,6 +39,7 @@ from services.storage.ports import (
     PutOutcome,
     PutResult,
     SearchEntry,
+    TokenClause,
     WrappedKey,
     driving_clause,
     record_to_dict,
@@ -53,7 +55,16 @@ _MIN_WINDOW = 256  # seq numbers scanned by the first window of a search
 # from rank 2 (a window costs one round trip per token).
 _WINDOW_RANK = 3
 _WINDOW_RANK_ONE_TOKEN = 2
-_SPLIT_TOKENS = 16  # a driver with up to this many tokens is looked up token by token
+# A driver with up to this many tokens is looked up token by token: SecantusDB checks every array
+# element against every value of an "$in" (a 35-token "$in" took 1.4 s where 35 lookups took 0.15 s).
+_SPLIT_TOKENS = 64
+_CONCURRENT_LOOKUPS = 8  # token lookups of one search in flight at once
+_IN_SLICE = 50  # values per "$in" list when reading rows or data keys by number or id
+# Search rows carry a copy of the wrapped data key that seals their document (``kek_id`` and
+# ``wrapped_key``, as in ``objects``): a search reads no second collection. ``replace_data_key``
+# updates the copies in the same transaction; a delete rebuilds or removes the rows of the keys it
+# destroys. Rows without a copy (written by an older build) are completed from ``objects``.
+_KEY_FIELDS = ("kek_id", "wrapped_key")
 _ROW_FIELDS = {
     Level.STUDY: (
         "seq",
@@ -64,9 +75,10 @@ _ROW_FIELDS = {
         "instance_count",
         "modalities",
         "sop_classes",
+        *_KEY_FIELDS,
     ),
-    Level.SERIES: ("seq", "study_uid", "series_uid", "doc_object_id", "doc", "instance_count"),
-    Level.INSTANCE: ("seq", "study_uid", "series_uid", "object_id", "metadata"),
+    Level.SERIES: ("seq", "study_uid", "series_uid", "doc_object_id", "doc", "instance_count", *_KEY_FIELDS),
+    Level.INSTANCE: ("seq", "study_uid", "series_uid", "object_id", "metadata", *_KEY_FIELDS),
 }
 _PUT_ATTEMPTS = 5  # a concurrent put can create the same study or series row first: retry
 
@@ -81,6 +93,14 @@ def _instance_document(record: InstanceRecord) -> Document:
 
 def _tokens(tokens: Iterable[int]) -> list[Int64]:
     return [Int64(t) for t in sorted(tokens)]
+
+
+_Item = TypeVar("_Item")
+
+
+def _slices(items: Sequence[_Item], size: int) -> Iterable[Sequence[_Item]]:
+    for index in range(0, len(items), size):
+        yield items[index : index + size]
 
 
 def _series_id(study_uid: str, series_uid: str) -> str:
@@ -133,14 +153,120 @@ def _record(doc: Mapping[str, Any]) -> InstanceRecord:
     )
 
 
-def _rebuilt_fields(row: RebuiltRow) -> Document:
+def _rebuilt_fields(row: RebuiltRow, key: WrappedKey) -> Document:
     """The fields a rebuilt study or series row replaces (besides the study row's lists and counts)."""
     return {
         "doc_object_id": row.doc_object_id,
         "doc": row.document,
         "instance_count": row.instance_count,
         "t": _tokens(row.tokens),
+        **_key_fields(key),
     }
+
+
+def _key_fields(key: WrappedKey) -> Document:
+    """A row's copy of the wrapped data key that seals its document."""
+    return {"kek_id": key.kek_id, "wrapped_key": key.wrapped}
+
+
+def _key_of(doc: Mapping[str, Any]) -> WrappedKey | None:
+    if doc.get("kek_id") is None or doc.get("wrapped_key") is None:
+        return None
+    return WrappedKey(doc["kek_id"], bytes(doc["wrapped_key"]))
+
+
+def _row_counts(created: Mapping[Level, int], owner_token: int | None) -> dict[str, int]:
+    """The search counter increments for new rows: their seq numbers, and the rows per owner token.
+
+    ``owners.<level>.<token>`` counts the rows ever created at a level under an access token; while
+    no row was removed, a clause holding the tokens of every row's owner matches every row.
+    """
+    out = {_COUNTER_FIELDS[level]: n for level, n in created.items()}
+    if owner_token is not None:
+        out.update({_owner_field(level, owner_token): n for level, n in created.items() if n})
+    return out
+
+
+def _owner_field(level: Level, owner_token: int) -> str:
+    return f"owners.{_COUNTER_FIELDS[level]}.{owner_token}"
+
+
+def _removed_field(level: Level) -> str:
+    return f"{_COUNTER_FIELDS[level]}_removed"
+
+
+def _removed_counts(removed: Mapping[Level, int], owner_token: Any) -> dict[str, int]:
+    """The search counter changes for removed rows of one owner (counts per owner may only undercount)."""
+    out = {_removed_field(level): n for level, n in removed.items()}
+    if owner_token is not None:
+        out.update({_owner_field(level, int(owner_token)): -n for level, n in removed.items() if n})
+    return out
+
+
+def _bulk_row_counts(studies: Sequence[NewStudy]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for study in studies:
+        created = {
+            Level.STUDY: 1,
+            Level.SERIES: len(study.rows.series),
+            Level.INSTANCE: len(study.instances),
+        }
+        for name, n in _row_counts(created, study.owner_token).items():
+            totals[name] = totals.get(name, 0) + n
+    return totals
+
+
+def _bulk_documents(studies: Sequence[NewStudy], last: Mapping[str, int]) -> dict[Level, list[Document]]:
+    """The study, series and instance documents of a bulk load; ``last`` holds the seq before each level's."""
+    docs: dict[Level, list[Document]] = {level: [] for level in Level}
+    seq = dict(last)
+    keys = {item.record.object_id: item.key for study in studies for item in study.instances}
+
+    def take(name: str) -> int:
+        seq[name] += 1
+        return seq[name]
+
+    for study in studies:
+        rows = study.rows
+        owner = frozenset() if study.owner_token is None else frozenset({study.owner_token})
+        owner_field = None if study.owner_token is None else Int64(study.owner_token)
+        docs[Level.STUDY].append(
+            {
+                "_id": study.study_uid,
+                "seq": take("study"),
+                "study_uid": study.study_uid,
+                "owner_org": study.owner_org,
+                "owner_token": owner_field,
+                **_rebuilt_fields(rows.study, keys[rows.study.doc_object_id]),
+                "series_count": rows.study.series_count,
+                "modalities": list(rows.study.modalities),
+                "sop_classes": list(rows.study.sop_classes),
+            }
+        )
+        for row in rows.series:
+            assert row.series_uid is not None
+            docs[Level.SERIES].append(
+                {
+                    "_id": _series_id(study.study_uid, row.series_uid),
+                    "seq": take("series"),
+                    "study_uid": study.study_uid,
+                    "series_uid": row.series_uid,
+                    "owner_token": owner_field,
+                    **_rebuilt_fields(row, keys[row.doc_object_id]),
+                }
+            )
+        for item in study.instances:
+            doc = _instance_document(item.record)
+            doc.update(
+                {
+                    "seq": take("instance"),
+                    "owner_token": owner_field,
+                    "t": _tokens(item.search.instance_tokens | owner),
+                    **_key_fields(item.key),
+                }
+            )
+            docs[Level.INSTANCE].append(doc)
+    return docs
 
 
 def _existing_result(existing: InstanceRecord, record: InstanceRecord) -> PutResult:
@@ -196,6 +322,10 @@ class MongoMetadataStore:
         await self._instances.create_index(
             [("study_uid", ASCENDING), ("series_uid", ASCENDING), ("_id", ASCENDING)]
         )
+        # The rows holding a copy of an object's wrapped data key (see _KEY_FIELDS).
+        await self._instances.create_index([("object_id", ASCENDING)])
+        for level in (Level.STUDY, Level.SERIES):
+            await self._level(level).create_index([("doc_object_id", ASCENDING)])
         for level in Level:
             collection = self._level(level)
             await collection.create_index([("t", ASCENDING), ("seq", ASCENDING)])
@@ -281,12 +411,29 @@ class MongoMetadataStore:
         return [(doc["_id"], WrappedKey(doc["kek_id"], bytes(doc["wrapped_key"]))) async for doc in cursor]
 
     async def replace_data_key(self, object_id: str, old: WrappedKey, new: WrappedKey) -> bool:
-        """Swap a re-wrapped key in, only if the stored one is still ``old``; True if swapped."""
-        result = await self._objects.update_one(
-            {"_id": object_id, "kek_id": old.kek_id, "wrapped_key": old.wrapped},
-            {"$set": {"kek_id": new.kek_id, "wrapped_key": new.wrapped}},
-        )
-        return result.matched_count == 1
+        """Swap a re-wrapped key in, only if the stored one is still ``old``; True if swapped.
+
+        The search rows' copies of the key change in the same transaction.
+        """
+        if self._client is None:
+            raise RuntimeError("the MongoDB metadata store is not open: call init() first")
+
+        async def transaction(session: AsyncClientSession) -> bool:
+            result = await self._objects.update_one(
+                {"_id": object_id, "kek_id": old.kek_id, "wrapped_key": old.wrapped},
+                {"$set": _key_fields(new)},
+                session=session,
+            )
+            if result.matched_count != 1:
+                return False
+            copy = {"$set": _key_fields(new)}
+            await self._instances.update_many({"object_id": object_id}, copy, session=session)
+            for level in (Level.STUDY, Level.SERIES):
+                await self._level(level).update_many({"doc_object_id": object_id}, copy, session=session)
+            return True
+
+        async with self._client.start_session() as session:
+            return await session.with_transaction(transaction)
 
     # -- instances ------------------------------------------------------------------------------
     async def put_instance(
@@ -311,16 +458,21 @@ class MongoMetadataStore:
             )
             if owner is not None and owner.get("owner_org") != record.owner_org:
                 return PutResult(PutOutcome.FOREIGN)
-            promoted = await self._objects.update_one(
-                {"_id": record.object_id}, {"$set": {"indexed": True}}, session=session
+            promoted = await self._objects.find_one_and_update(
+                {"_id": record.object_id},
+                {"$set": {"indexed": True}},
+                projection=dict.fromkeys(_KEY_FIELDS, 1),
+                session=session,
             )
-            if promoted.matched_count != 1:
+            key = None if promoted is None else _key_of(promoted)
+            if key is None:
                 raise LookupError(
                     f"object {record.object_id} has no data key (never recorded, or dropped by the sweeper)"
                 )
             doc = _instance_document(record)
+            doc.update(_key_fields(key))
             if search is not None:
-                doc.update(await self._add_search_rows(record, search, session))
+                doc.update(await self._add_search_rows(record, search, key, session))
             await self._instances.insert_one(doc, session=session)
             await self._enqueue(events, session)
             return PutResult(PutOutcome.STORED)
@@ -338,6 +490,68 @@ class MongoMetadataStore:
                     if attempt == _PUT_ATTEMPTS - 1:
                         raise
         raise AssertionError("unreachable")
+
+    async def load_new_studies(self, batch: Sequence[BulkInstance]) -> None:
+        """Bulk load instances of studies not stored yet, in one transaction (see ``MetadataStore``).
+
+        A few ``insert_many`` calls instead of a dozen round trips per instance: the way to fill a large
+        index (100,000 studies) on a slow server.
+        """
+        if self._client is None:
+            raise RuntimeError("the MongoDB metadata store is not open: call init() first")
+        studies = new_studies(batch)
+        if not studies:
+            return
+        study_uids = [s.study_uid for s in studies]
+        sop_uids = [i.record.sop_uid for i in batch]
+        series_count = sum(len(s.rows.series) for s in studies)
+
+        async def transaction(session: AsyncClientSession) -> None:
+            for where in ({"study_uid": {"$in": study_uids}}, {"_id": {"$in": sop_uids}}):
+                if await self._instances.find_one(where, {"_id": 1}, session=session) is not None:
+                    raise ValueError("a study or SOP instance of the bulk load is already stored")
+            counters = await self._counters.find_one_and_update(
+                {"_id": _SEARCH_COUNTER},
+                {"$inc": _bulk_row_counts(studies)},
+                upsert=True,
+                return_document=ReturnDocument.AFTER,
+                session=session,
+            )
+            if counters is None:  # cannot happen with upsert=True
+                raise RuntimeError("the search counter document is missing")
+            seqs = {
+                name: int(counters[_COUNTER_FIELDS[level]]) - count
+                for name, level, count in (
+                    ("study", Level.STUDY, len(studies)),
+                    ("series", Level.SERIES, series_count),
+                    ("instance", Level.INSTANCE, len(batch)),
+                )
+            }
+            docs = _bulk_documents(studies, seqs)
+            await self._objects.insert_many(
+                [
+                    {
+                        "_id": i.record.object_id,
+                        "kek_id": i.key.kek_id,
+                        "wrapped_key": i.key.wrapped,
+                        "created_at": i.record.stored_at,
+                        "indexed": True,
+                    }
+                    for i in batch
+                ],
+                session=session,
+            )
+            for level in Level:
+                await self._level(level).insert_many(docs[level], session=session)
+            await self._enqueue([e for i in batch for e in i.events], session)
+
+        async with self._client.start_session() as session:
+            try:
+                await session.with_transaction(transaction)
+            except DuplicateKeyError:
+                raise ValueError(
+                    "an object, study or SOP instance of the bulk load is already stored"
+                ) from None
 
     async def _enqueue(self, events: Sequence[tuple[str, str, bytes]], session: AsyncClientSession) -> None:
         """Add ``events`` to the outbox, numbered from the outbox counter (inside the caller's transaction)."""
@@ -364,25 +578,26 @@ class MongoMetadataStore:
         )
 
     async def _add_search_rows(
-        self, record: InstanceRecord, search: SearchEntry, session: AsyncClientSession
+        self, record: InstanceRecord, search: SearchEntry, key: WrappedKey, session: AsyncClientSession
     ) -> Document:
         """Create or update the study and series rows of a new instance; return the instance's search fields."""
         studies, series = self._level(Level.STUDY), self._level(Level.SERIES)
         series_id = _series_id(record.study_uid, record.series_uid)
         study = await studies.find_one({"_id": record.study_uid}, {"owner_token": 1}, session=session)
         series_doc = await series.find_one({"_id": series_id}, {"_id": 1}, session=session)
-        increments = {"instance": 1, "study": int(study is None), "series": int(series_doc is None)}
+        owner_token = search.owner_token if study is None else study.get("owner_token")
+        owner = {owner_token} if owner_token is not None else set()
+        created = {Level.INSTANCE: 1, Level.STUDY: int(study is None), Level.SERIES: int(series_doc is None)}
         counters = await self._counters.find_one_and_update(
             {"_id": _SEARCH_COUNTER},
-            {"$inc": increments},
+            {"$inc": _row_counts(created, owner_token)},
             upsert=True,
             return_document=ReturnDocument.AFTER,
             session=session,
         )
         if counters is None:  # cannot happen with upsert=True
             raise RuntimeError("the search counter document is missing")
-        owner_token = search.owner_token if study is None else study.get("owner_token")
-        owner = {owner_token} if owner_token is not None else set()
+        owner_field = None if owner_token is None else Int64(owner_token)
         if study is None:
             await studies.insert_one(
                 {
@@ -390,8 +605,9 @@ class MongoMetadataStore:
                     "seq": int(counters["study"]),
                     "study_uid": record.study_uid,
                     "owner_org": record.owner_org,
-                    "owner_token": None if owner_token is None else Int64(owner_token),
+                    "owner_token": owner_field,
                     "doc_object_id": record.object_id,
+                    **_key_fields(key),
                     "doc": search.study_document,
                     "series_count": 1,
                     "instance_count": 1,
@@ -420,7 +636,9 @@ class MongoMetadataStore:
                     "seq": int(counters["series"]),
                     "study_uid": record.study_uid,
                     "series_uid": record.series_uid,
+                    "owner_token": owner_field,
                     "doc_object_id": record.object_id,
+                    **_key_fields(key),
                     "doc": search.series_document,
                     "instance_count": 1,
                     "t": _tokens(search.series_tokens | owner),
@@ -429,7 +647,11 @@ class MongoMetadataStore:
             )
         else:
             await series.update_one({"_id": series_id}, {"$inc": {"instance_count": 1}}, session=session)
-        return {"seq": int(counters["instance"]), "t": _tokens(search.instance_tokens | owner)}
+        return {
+            "seq": int(counters["instance"]),
+            "owner_token": owner_field,
+            "t": _tokens(search.instance_tokens | owner),
+        }
 
     async def get_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> InstanceRecord | None:
         """The instance's record, or None when it is not in that study and series."""
@@ -459,7 +681,9 @@ class MongoMetadataStore:
             address["_id"] = deletion.sop_uid
 
         async def transaction(session: AsyncClientSession) -> DeleteOutcome:
-            found = await self._instances.find(address, {"object_id": 1, "seq": 1}, session=session).to_list()
+            found = await self._instances.find(
+                address, {"object_id": 1, "seq": 1, "owner_token": 1}, session=session
+            ).to_list()
             if not found:
                 return DeleteOutcome.NOT_FOUND
             if {d["object_id"] for d in found} != deletion.doomed:
@@ -478,7 +702,13 @@ class MongoMetadataStore:
                 return DeleteOutcome.CHANGED
             await self._instances.delete_many({"_id": {"$in": [d["_id"] for d in found]}}, session=session)
             await self._objects.delete_many({"_id": {"$in": sorted(deletion.doomed)}}, session=session)
-            removed = {"instance_removed": sum(1 for d in found if "seq" in d)}
+            rows = [d for d in found if "seq" in d]
+            removed = {_removed_field(Level.INSTANCE): len(rows)}
+            # Rows per owner: only rows that carry their owner were counted when they were created.
+            for doc in rows:
+                if doc.get("owner_token") is not None:
+                    name = _owner_field(Level.INSTANCE, int(doc["owner_token"]))
+                    removed[name] = removed.get(name, 0) - 1
             removed.update(
                 await self._rewrite_search_rows(deletion.study_uid, before, after, deletion, session)
             )
@@ -499,7 +729,7 @@ class MongoMetadataStore:
         deletion: Deletion,
         session: AsyncClientSession,
     ) -> dict[str, int]:
-        """Rebuild (or remove) the study's study and series rows; return how many rows of each were removed."""
+        """Rebuild (or remove) the study's study and series rows; return the counter changes of removed rows."""
         studies, series = self._level(Level.STUDY), self._level(Level.SERIES)
         study = await studies.find_one({"_id": study_uid}, {"owner_token": 1}, session=session)
         if study is None:
@@ -510,12 +740,26 @@ class MongoMetadataStore:
         if rebuilt is None:
             await studies.delete_one({"_id": study_uid}, session=session)
             gone = await series.delete_many({"_id": {"$in": sorted(old_series)}}, session=session)
-            return {"study_removed": 1, "series_removed": gone.deleted_count}
+            return _removed_counts({Level.STUDY: 1, Level.SERIES: gone.deleted_count}, owner_token)
+        sealing = sorted({rebuilt.study.doc_object_id} | {row.doc_object_id for row in rebuilt.series})
+        keys = {
+            d["_id"]: _key_of(d)
+            for d in await self._objects.find(
+                {"_id": {"$in": sealing}}, dict.fromkeys(_KEY_FIELDS, 1), session=session
+            ).to_list()
+        }
+
+        def key(object_id: str) -> WrappedKey:
+            found = keys.get(object_id)
+            if found is None:
+                raise LookupError("a remaining instance of the study has no data key")
+            return found
+
         await studies.update_one(
             {"_id": study_uid},
             {
                 "$set": {
-                    **_rebuilt_fields(rebuilt.study),
+                    **_rebuilt_fields(rebuilt.study, key(rebuilt.study.doc_object_id)),
                     "series_count": rebuilt.study.series_count,
                     "modalities": list(rebuilt.study.modalities),
                     "sop_classes": list(rebuilt.study.sop_classes),
@@ -527,10 +771,12 @@ class MongoMetadataStore:
         for row in rebuilt.series:
             assert row.series_uid is not None
             series_id = _series_id(study_uid, row.series_uid)
-            await series.update_one({"_id": series_id}, {"$set": _rebuilt_fields(row)}, session=session)
+            await series.update_one(
+                {"_id": series_id}, {"$set": _rebuilt_fields(row, key(row.doc_object_id))}, session=session
+            )
             kept.add(series_id)
         gone = await series.delete_many({"_id": {"$in": sorted(old_series - kept)}}, session=session)
-        return {"series_removed": gone.deleted_count}
+        return _removed_counts({Level.SERIES: gone.deleted_count}, owner_token)
 
     # -- search (QIDO-RS) -----------------------------------------------------------------------
     async def search(self, query: IndexQuery) -> list[IndexRow]:
@@ -541,92 +787,138 @@ class MongoMetadataStore:
         counters = await self._counters.find_one({"_id": _SEARCH_COUNTER}) or {}
         field = _COUNTER_FIELDS[query.level]
         last = int(counters.get(field, 0))
+        removed = int(counters.get(f"{field}_removed", 0))
+        # Rows are counted per owner (access) token: a clause holding the tokens of the owners of every
+        # row (the access scope of the only organization, say) filters nothing. Counts are read with
+        # ``last`` and only rows up to ``last`` are read below, so a newer row of another owner can
+        # never slip in.
+        owners = counters.get("owners", {}).get(field, {})
+        clauses = tuple(
+            c for c in query.clauses if sum(int(owners.get(str(t), 0)) for t in c.tokens) != last - removed
+        )
         fields = dict.fromkeys(_ROW_FIELDS[query.level], 1)
-        if not query.clauses and not counters.get(f"{field}_removed", 0):
+        if not clauses and not removed:
             # Every row, none ever removed: seq numbers run 1..last without gaps (a row and its number
             # are written in one transaction), so the offset is a seq number and needs no scan.
             start = query.after + query.offset
-            window = {"seq": {"$gt": start, "$lte": start + query.limit}}
+            window = {"seq": {"$gt": start, "$lte": min(start + query.limit, last)}}
             cursor = self._level(query.level).find(window, fields).sort("seq", ASCENDING)
             return await self._rows(query.level, [d async for d in cursor])
-        # A first page of a one-clause search comes back whole from the scan; otherwise slim rows are
-        # scanned (skipped, checked) and only the page is fetched whole.
-        whole = query.offset == 0 and len(query.clauses) <= 1
-        page = (await self._matching(query, need, last, whole=whole))[query.offset : need]
+        # A first page comes back whole from the scan; otherwise slim rows are scanned (skipped,
+        # checked) and only the page is fetched whole.
+        whole = query.offset == 0
+        page = (await self._matching(query.level, clauses, query.after, need, last, whole=whole))[
+            query.offset : need
+        ]
         if not page:
             return []
         if not whole:
-            seqs = [int(d["seq"]) for d in page]
-            found = {
-                int(d["seq"]): d async for d in self._level(query.level).find({"seq": {"$in": seqs}}, fields)
-            }
-            page = [found[seq] for seq in seqs]
+            found = await self._by_seq(query.level, [int(d["seq"]) for d in page], fields)
+            page = [found[int(d["seq"])] for d in page]
         return await self._rows(query.level, page)
+
+    async def _by_seq(self, level: Level, seqs: Sequence[int], projection: Document) -> dict[int, Document]:
+        """Rows by seq number (in slices: a long ``$in`` costs the server per row and per value)."""
+        parts = await asyncio.gather(
+            *(
+                self._level(level).find({"seq": {"$in": list(part)}}, projection).to_list()
+                for part in _slices(seqs, _IN_SLICE)
+            )
+        )
+        return {int(d["seq"]): d for part in parts for d in part}
 
     async def _rows(self, level: Level, page: list[Document]) -> list[IndexRow]:
         """Search rows with the wrapped data keys that seal their documents."""
         sealed_by = "object_id" if level is Level.INSTANCE else "doc_object_id"
-        object_ids = list({d[sealed_by] for d in page})
-        keys = {
-            d["_id"]: WrappedKey(d["kek_id"], bytes(d["wrapped_key"]))
-            async for d in self._objects.find({"_id": {"$in": object_ids}}, {"kek_id": 1, "wrapped_key": 1})
-        }
+        object_ids = sorted({d[sealed_by] for d in page if _key_of(d) is None})
+        parts = await asyncio.gather(
+            *(
+                self._objects.find({"_id": {"$in": list(part)}}, {"kek_id": 1, "wrapped_key": 1}).to_list()
+                for part in _slices(object_ids, _IN_SLICE)
+            )
+        )
+        keys = {d["_id"]: WrappedKey(d["kek_id"], bytes(d["wrapped_key"])) for part in parts for d in part}
         rows = []
         for doc in page:
-            key = keys.get(doc[sealed_by])
+            key = _key_of(doc) or keys.get(doc[sealed_by])
             if key is None:
                 raise LookupError("a search row refers to an object without a data key")
             rows.append(_index_row(level, doc, key))
         return rows
 
-    async def _matching(self, query: IndexQuery, need: int, last: int, *, whole: bool) -> list[Document]:
-        """The first ``need`` matching rows after ``query.after`` (whole documents, or just their seq).
+    async def _matching(
+        self, level: Level, clauses: Sequence[TokenClause], after: int, need: int, last: int, *, whole: bool
+    ) -> list[Document]:
+        """The first ``need`` rows after ``after`` (up to ``last``) holding a token of every clause.
 
-        The driving clause runs through the ``(t, seq)`` index, one equality lookup per token (an
-        ``$in`` costs the server more per row than separate lookups, unless there are many tokens).
-        A broad driver (or none) is scanned in ``seq`` windows sized from the density seen so far, so
-        a common token reads about as many rows as the page needs instead of every row holding it.
+        Whole documents, or just their seq. The driving clause runs through the ``(t, seq)`` index,
+        one equality lookup per token (an ``$in`` costs the server more per row than separate
+        lookups, unless there are many tokens). A broad driver (or none) is scanned in ``seq``
+        windows sized from the density seen so far, so a common token reads about as many rows as
+        the page needs instead of every row holding it. The other clauses are checked by ``_holding``.
         """
-        driver, rest = driving_clause(query.clauses)
-        windowed = driver is None or driver.rank >= (
-            _WINDOW_RANK_ONE_TOKEN if len(driver.tokens) == 1 else _WINDOW_RANK
+        driver, rest = driving_clause(clauses)
+        # Without other clauses a single token's lookup stops at ``need`` rows by itself: no windows.
+        windowed = driver is None or (
+            (bool(rest) or len(driver.tokens) > 1)
+            and driver.rank >= (_WINDOW_RANK_ONE_TOKEN if len(driver.tokens) == 1 else _WINDOW_RANK)
         )
-        collection = self._level(query.level)
+        collection = self._level(level)
         # Inclusion projections only: excluding a field costs the server more than sending it.
-        projection = dict.fromkeys(_ROW_FIELDS[query.level] if whole else ("seq",), 1)
+        projection = dict.fromkeys(_ROW_FIELDS[level] if whole else ("seq",), 1)
         if rest:
-            projection["t"] = 1
+            projection["owner_token"] = 1
         lookups: list[Document] = [{}]
         if driver is not None:
             tokens = _tokens(driver.tokens)
             lookups = [{"t": t} for t in tokens] if len(tokens) <= _SPLIT_TOKENS else [{"t": {"$in": tokens}}]
+        concurrent = asyncio.Semaphore(_CONCURRENT_LOOKUPS)
+
+        async def lookup(where: Document, window: Document, limit: int) -> list[Document]:
+            async with concurrent:
+                return await collection.find(
+                    {**where, "seq": window}, projection, limit=limit, sort=[("seq", ASCENDING)]
+                ).to_list()
+
         hits: list[Document] = []
-        low = query.after
+        low = after
         width = max(_MIN_WINDOW, 4 * need)
         while len(hits) < need and low < last:
             high = min(low + width, last) if windowed else last
             window = {"$gt": low, "$lte": high}
             limit = 0 if rest else need - len(hits)
-            batches = await asyncio.gather(
-                *(
-                    collection.find(
-                        {**where, "seq": window}, projection, limit=limit, sort=[("seq", ASCENDING)]
-                    ).to_list()
-                    for where in lookups
-                )
-            )
+            batches = await asyncio.gather(*(lookup(where, window, limit) for where in lookups))
             found = {int(doc["seq"]): doc for batch in batches for doc in batch}
-            for seq in sorted(found):
-                doc = found[seq]
-                if rest:
-                    held = set(doc.get("t", ()))
-                    if not all(c.tokens & held for c in rest):
-                        continue
-                hits.append(doc)
+            ordered = [found[seq] for seq in sorted(found)]
+            hits += await self._holding(level, ordered, rest) if rest else ordered
             density = max(len(found), 1) / max(high - low, 1)
             low = high
             width = max(_MIN_WINDOW, int((need - len(hits)) / density * 1.25) + 1)
         return hits[:need]
+
+    async def _holding(
+        self, level: Level, docs: list[Document], clauses: Sequence[TokenClause]
+    ) -> list[Document]:
+        """The documents holding a token of every clause.
+
+        Every row holds its owner's access token, so a clause naming it holds for the row without
+        reading the row's tokens (the access scope, mostly); the tokens of the other rows are read.
+        """
+        unsure = {
+            int(doc["seq"])
+            for doc in docs
+            if any(doc.get("owner_token") is None or int(doc["owner_token"]) not in c.tokens for c in clauses)
+        }
+        if not unsure:
+            return docs
+        found = await self._by_seq(level, sorted(unsure), {"seq": 1, "t": 1})
+        held = {seq: set(doc.get("t", ())) for seq, doc in found.items()}
+        # A row gone since it was read is left out, like a row that fails (never returned unchecked).
+        return [
+            doc
+            for doc in docs
+            if (seq := int(doc["seq"])) not in unsure or all(c.tokens & held.get(seq, set()) for c in clauses)
+        ]
 
     async def get_index_key(self, name: str) -> WrappedKey | None:
         """The wrapped blind-index key ``name``, or None."""

@@ -4,7 +4,7 @@ Both metadata adapters build study and series rows incrementally in ``put_instan
 instance of a study (of a series) gives the row its document and its own tokens, every instance adds
 its aggregate tokens (ModalitiesInStudy, SOPClassesInStudy), its modality and SOP class, and the
 counts. ``rebuilt_rows`` replays that over the instances that stay, in storing order, so both
-adapters rebuild identically.
+adapters rebuild identically. ``new_studies`` builds the rows of a bulk load the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from services.storage.ports import SearchEntry
+from services.storage.ports import BulkInstance, SearchEntry
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +92,43 @@ def rebuilt_rows(
         for series_uid, head in firsts.items()
     )
     return RebuiltStudy(study, series)
+
+
+@dataclass(frozen=True, slots=True)
+class NewStudy:
+    """A study of a bulk load: its instances (in batch order) and the rows ``put_instance`` would build."""
+
+    study_uid: str
+    owner_org: str | None
+    owner_token: int | None
+    instances: tuple[BulkInstance, ...]
+    rows: RebuiltStudy
+
+
+def new_studies(batch: Sequence[BulkInstance]) -> list[NewStudy]:
+    """Group a bulk load by study (in order of first appearance) and build each study's search rows.
+
+    ValueError when an object id or SOP Instance UID repeats or a study's instances disagree on its
+    owner. The study's access token is its first instance's, as ``put_instance`` would keep it.
+    """
+    groups: dict[str, list[BulkInstance]] = {}
+    sops: set[str] = set()
+    objects: set[str] = set()
+    for item in batch:
+        record = item.record
+        if record.sop_uid in sops or record.object_id in objects:
+            raise ValueError("a bulk load repeats a SOP Instance UID or an object id")
+        sops.add(record.sop_uid)
+        objects.add(record.object_id)
+        groups.setdefault(record.study_uid, []).append(item)
+    out = []
+    for study_uid, items in groups.items():
+        owner_org = items[0].record.owner_org
+        if any(i.record.owner_org != owner_org for i in items):
+            raise ValueError("the instances of a study in a bulk load have different owners")
+        owner_token = items[0].search.owner_token
+        survivors = [Survivor(i.record.object_id, i.record.series_uid, i.record.sop_class_uid) for i in items]
+        rows = rebuilt_rows(survivors, {i.record.object_id: i.search for i in items}, owner_token)
+        assert rows is not None  # a group is never empty
+        out.append(NewStudy(study_uid, owner_org, owner_token, tuple(items), rows))
+    return out

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -18,8 +20,9 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from pacslib.sqlite_tx import connect, create_private_file, write_transaction
-from services.storage.adapters.search_rows import RebuiltStudy, Survivor, rebuilt_rows
+from services.storage.adapters.search_rows import NewStudy, RebuiltStudy, Survivor, new_studies, rebuilt_rows
 from services.storage.ports import (
+    BulkInstance,
     DeleteOutcome,
     Deletion,
     IndexQuery,
@@ -197,9 +200,15 @@ def _index_row(level: Level, row: Sequence[Any]) -> IndexRow:
         document=bytes(doc),
         series_count=series_count,
         instance_count=instance_count,
-        modalities=tuple(json.loads(mods)),
-        sop_classes=tuple(json.loads(classes)),
+        modalities=_names(mods),
+        sop_classes=_names(classes),
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _names(items_json: str) -> tuple[str, ...]:
+    """A stored JSON list of modalities or SOP classes (few distinct lists: parsed once each)."""
+    return tuple(json.loads(items_json))
 
 
 def _marks(count: int) -> str:
@@ -408,6 +417,29 @@ class SqliteMetadataStore:
                 [(topic, key, body, now) for topic, key, body in events],
             )
         return PutResult(PutOutcome.STORED)
+
+    async def load_new_studies(self, batch: Sequence[BulkInstance]) -> None:
+        """Bulk load instances of studies not stored yet, in one transaction (see ``MetadataStore``)."""
+        studies = new_studies(batch)
+        if not studies:
+            return
+        async with self._transaction() as db:
+            await _refuse_stored(db, [s.study_uid for s in studies], [i.record.sop_uid for i in batch])
+            try:
+                await db.executemany(
+                    "INSERT INTO objects (object_id, kek_id, wrapped_key, created_at, indexed) "
+                    "VALUES (?, ?, ?, ?, 1)",
+                    [(i.record.object_id, i.key.kek_id, i.key.wrapped, i.record.stored_at) for i in batch],
+                )
+            except sqlite3.IntegrityError:
+                raise ValueError("an object id of the bulk load already has a data key") from None
+            for study in studies:
+                await _add_new_study(db, study)
+            now = time.time()
+            await db.executemany(
+                "INSERT INTO outbox (topic, key, body, created_at) VALUES (?, ?, ?, ?)",
+                [(topic, key, body, now) for i in batch for topic, key, body in i.events],
+            )
 
     async def get_instance(self, study_uid: str, series_uid: str, sop_uid: str) -> InstanceRecord | None:
         """The instance's record, or None when it is not in that study and series."""
@@ -648,6 +680,79 @@ async def _add_search_rows(
         rows += [(int(Level.SERIES), t, series_seq) for t in series_tokens | owner]
     rows += [(int(Level.INSTANCE), t, instance_seq) for t in search.instance_tokens | owner]
     await db.executemany("INSERT OR IGNORE INTO qido_tokens (level, token, seq) VALUES (?, ?, ?)", rows)
+
+
+async def _refuse_stored(db: aiosqlite.Connection, study_uids: list[str], sop_uids: list[str]) -> None:
+    """ValueError when one of the studies or SOP instances is already stored."""
+    for column, values in (("study_uid", study_uids), ("sop_uid", sop_uids)):
+        for part in _chunks(values, _IN_CHUNK):
+            found = await db.execute_fetchall(
+                f"SELECT 1 FROM instances WHERE {column} IN ({_marks(len(part))}) LIMIT 1", part
+            )
+            if list(found):
+                raise ValueError("a study or SOP instance of the bulk load is already stored")
+
+
+def _json_list(items: Sequence[str]) -> str:
+    return json.dumps(list(items), separators=(",", ":"))
+
+
+async def _add_new_study(db: aiosqlite.Connection, study: NewStudy) -> None:
+    """Insert a bulk-loaded study: its study and series rows, its instances and all their tokens."""
+    head = study.instances[0].record
+    rows = study.rows
+    cursor = await db.execute(
+        "INSERT INTO studies (study_uid, owner_org, owner_token, doc_object_id, doc, series_count, "
+        "instance_count, modalities, sop_classes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            study.study_uid,
+            head.owner_org,
+            study.owner_token,
+            rows.study.doc_object_id,
+            rows.study.document,
+            rows.study.series_count,
+            rows.study.instance_count,
+            _json_list(rows.study.modalities),
+            _json_list(rows.study.sop_classes),
+        ),
+    )
+    tokens = [(int(Level.STUDY), t, cursor.lastrowid or 0) for t in rows.study.tokens]
+    for series in rows.series:
+        cursor = await db.execute(
+            "INSERT INTO series (study_uid, series_uid, doc_object_id, doc, instance_count) VALUES (?, ?, ?, ?, ?)",
+            (
+                study.study_uid,
+                series.series_uid,
+                series.doc_object_id,
+                series.document,
+                series.instance_count,
+            ),
+        )
+        tokens += [(int(Level.SERIES), t, cursor.lastrowid or 0) for t in series.tokens]
+    owner = frozenset() if study.owner_token is None else frozenset({study.owner_token})
+    for item in study.instances:
+        record = item.record
+        cursor = await db.execute(
+            f"INSERT INTO instances ({_INSTANCE_COLUMNS}, searchable) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+            (
+                record.study_uid,
+                record.series_uid,
+                record.sop_uid,
+                record.sop_class_uid,
+                record.transfer_syntax_uid,
+                record.object_id,
+                record.size,
+                record.sha256,
+                record.metadata,
+                _frames_to_json(record.frames),
+                record.stored_at,
+                record.owner_org,
+            ),
+        )
+        tokens += [
+            (int(Level.INSTANCE), t, cursor.lastrowid or 0) for t in item.search.instance_tokens | owner
+        ]
+    await db.executemany("INSERT OR IGNORE INTO qido_tokens (level, token, seq) VALUES (?, ?, ?)", tokens)
 
 
 async def _forget_tokens(
