@@ -50,6 +50,10 @@ EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # the same counters, so they only add write-conflict retries). --scale-one-by-one indexes them one at
 # a time through index_instance instead, as STOW-RS does (SecantusDB: about an hour for 100,000).
 BULK_BATCH = 500
+# SecantusDB prunes its oplog (100,000 entries, one hour by default) on every commit once it is full,
+# and each prune walks past the entries deleted before it: a 100,000-study load slowed to a crawl
+# after ~20,000 studies. The benchmark's throwaway server keeps the whole load's oplog instead.
+SECANTUS_BULK_ARGS = ("--oplog-max-entries", "100000000", "--oplog-retention-seconds", "604800")
 MB = 1_000_000
 
 
@@ -300,7 +304,7 @@ def _metadata_env(adapter: str, tmp: Path) -> Iterator[dict[str, str]]:
         return
     from tests.realservers import mongo_server  # the project's real MongoDB-protocol server (SecantusDB)
 
-    with mongo_server(tmp / "mongo") as uri:
+    with mongo_server(tmp / "mongo", SECANTUS_BULK_ARGS) as uri:
         yield {
             "PACS_STORAGE_METADATA_DB": "mongodb",
             "PACS_STORAGE_MONGODB_URI": uri,

@@ -142,8 +142,11 @@ def _tcp_open(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def mongo_server(tmp: Path) -> Iterator[str]:
-    """Run a SecantusDB daemon (single-node replica set ``secantus``) and yield its MongoDB URI."""
+def mongo_server(tmp: Path, extra_args: Sequence[str] = ()) -> Iterator[str]:
+    """Run a SecantusDB daemon (single-node replica set ``secantus``) and yield its MongoDB URI.
+
+    ``extra_args`` go to ``secantusd-py`` (the benchmark's bulk loads raise the oplog's limits).
+    """
     exe = venv_executable("secantusd-py")
     tmp.mkdir(parents=True, exist_ok=True)
     data = tmp / "data"
@@ -159,6 +162,7 @@ def mongo_server(tmp: Path) -> Iterator[str]:
             "--storage-path",
             str(data),
             "--sync-on-commit",
+            *extra_args,
         ]
 
     def ready(port: int) -> bool:

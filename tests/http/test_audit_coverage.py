@@ -224,6 +224,14 @@ def _store(
     return sop
 
 
+def _wait_until_visible(url: str, actor: Account, seconds: float = 10.0) -> None:
+    """Poll ``url`` until ``actor`` gets 200 (a new grant is seen within about a second)."""
+    deadline = time.monotonic() + seconds
+    while httpx.get(url, headers={**actor.headers, **JSON}, timeout=60).status_code != 200:
+        assert time.monotonic() < deadline, f"{url} did not become visible within {seconds} s"
+        time.sleep(0.25)
+
+
 def test_every_action_leaves_a_complete_record(deployment: Deployment, operator_auditor: Account) -> None:
     system, acc = deployment.system, deployment.accounts
     base, web = system.base_url, system.dicomweb_url
@@ -336,6 +344,8 @@ def test_every_action_leaves_a_complete_record(deployment: Deployment, operator_
         details={"grant_id": share_id, "grantee_user": rad_b.user_id, "kind": "share"},
     )
     shared = {"roles": clinician_roles, "studies": [study], "purpose": "share", "grant_id": share_id}
+    # Storage re-checks a refused user with auth at most once a second: wait until the share is seen.
+    _wait_until_visible(f"{web}/studies/{study}/metadata", rad_b)
     get("wado through a share", f"{web}/studies/{study}/metadata", rad_b, JSON, **shared)
     trace, headers = traced()
     _ok(httpx.delete(f"{base}/auth/grants/{share_id}", headers={**rad_a.headers, **headers}))
@@ -372,7 +382,7 @@ def test_every_action_leaves_a_complete_record(deployment: Deployment, operator_
         roles=clinician_roles,
         **broken,
     )
-    time.sleep(1.2)  # storage re-checks a refusal with auth once a second: the share's answer is fresh
+    _wait_until_visible(f"{web}/studies/{study2}/metadata", rad_b)  # refusals are re-checked once a second
     get(
         "wado by break-glass",
         f"{web}/studies/{study2}/metadata",

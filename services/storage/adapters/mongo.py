@@ -858,10 +858,10 @@ class MongoMetadataStore:
         the page needs instead of every row holding it. The other clauses are checked by ``_holding``.
         """
         driver, rest = driving_clause(clauses)
-        # Without other clauses a single token's lookup stops at ``need`` rows by itself: no windows.
-        windowed = driver is None or (
-            (bool(rest) or len(driver.tokens) > 1)
-            and driver.rank >= (_WINDOW_RANK_ONE_TOKEN if len(driver.tokens) == 1 else _WINDOW_RANK)
+        # Windows even without other clauses: SecantusDB reads every row in a lookup's bounds before
+        # it applies the limit.
+        windowed = driver is None or driver.rank >= (
+            _WINDOW_RANK_ONE_TOKEN if len(driver.tokens) == 1 else _WINDOW_RANK
         )
         collection = self._level(level)
         # Inclusion projections only: excluding a field costs the server more than sending it.
