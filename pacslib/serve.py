@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import uvicorn
 from fastapi import FastAPI
 
@@ -12,6 +14,11 @@ from pacslib.settings import ServiceSettings
 def serve(app: FastAPI, settings: ServiceSettings) -> None:
     """Serve ``app`` on the configured address; trusts X-Forwarded-* only from configured proxies."""
     configure_logging(settings.log_level)
+    # What is imported and built by now lives as long as the process: keep it out of the garbage
+    # collector's full passes, which otherwise scan it all and paused a storage request for 50-90 ms
+    # about once in eight 190-study searches (with it frozen: ~2 ms).
+    gc.collect()
+    gc.freeze()
     uvicorn.run(
         app,
         host=settings.host,

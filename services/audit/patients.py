@@ -1,9 +1,9 @@
 """Which patient a study belongs to: asked of storage, remembered briefly in memory, never logged.
 
 Events carry study UIDs only (no PHI on the bus). For patient access reports the audit service asks
-storage's internal lookup (``GET <storage>/internal/studies/{study}/patient``, audit service identity
-only) and seals the answer into the record. A study storage no longer knows (deleted since) is looked
-up in the audit log's own earlier records of it. When storage cannot be reached the batch waits and
+storage's internal lookup (``POST <storage>/internal/studies/patients``, a batch of studies per
+request; audit service identity only) and seals the answer into the record. A study storage no longer
+knows (deleted since) is looked up in the audit log's own earlier records of it. When storage cannot be reached the batch waits and
 is retried (the events stay on the bus); when the lookup is refused for good (no identity, 401/403),
 records are written with the study listed under ``unresolved_studies`` rather than not at all.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import httpx
@@ -30,17 +30,19 @@ log = logging.getLogger("pacs.audit.patients")
 
 NEGATIVE_CACHE_SECONDS = 5.0
 MAX_CACHE = 20_000
-CONCURRENCY = 8
+CONCURRENCY = 8  # earlier-record lookups at once
+BATCH = 500  # studies per request to storage
 
 
 class PatientSource(Protocol):
-    async def lookup(self, study_uid: str) -> Patient | None:
-        """The patient of a study; None when the source does not know the study (or cannot tell)."""
+    async def lookup(self, study_uids: Sequence[str]) -> dict[str, Patient]:
+        """The patients of the studies the source knows (others are left out, as are all when it
+        cannot tell)."""
         ...
 
 
 class StorageLookup:
-    """Storage's internal patient lookup, with this service's own token."""
+    """Storage's internal patient lookup, with this service's own token: a batch per request."""
 
     def __init__(self, storage_url: str, tokens: ServiceTokenClient, *, timeout: float = 10.0) -> None:
         self._url = storage_url.rstrip("/")
@@ -48,34 +50,43 @@ class StorageLookup:
         self._http = httpx.AsyncClient(timeout=timeout)
         self._refused_logged = False
 
-    async def lookup(self, study_uid: str) -> Patient | None:
+    async def lookup(self, study_uids: Sequence[str]) -> dict[str, Patient]:
+        found: dict[str, Patient] = {}
+        for start in range(0, len(study_uids), BATCH):
+            found.update(await self._batch(study_uids[start : start + BATCH]))
+        return found
+
+    async def _batch(self, study_uids: Sequence[str]) -> dict[str, Patient]:
         try:
-            response = await self._http.get(
-                f"{self._url}/internal/studies/{study_uid}/patient", headers=await self._tokens.headers()
+            response = await self._http.post(
+                f"{self._url}/internal/studies/patients",
+                json={"studies": list(study_uids)},
+                headers=await self._tokens.headers(),
             )
         except httpx.HTTPError as exc:
             raise ServiceUnavailableError(
                 f"cannot reach storage for a patient lookup ({type(exc).__name__})"
             ) from None
-        if response.status_code == 404:
-            return None
-        if response.status_code in (400, 401, 403):
+        if response.status_code in (400, 401, 403, 422):
             if not self._refused_logged:
                 log.error("storage refuses this service's patient lookups (HTTP %d)", response.status_code)
                 self._refused_logged = True
-            return None
+            return {}
         if response.status_code != 200:
-            raise ServiceUnavailableError(
-                f"storage could not look up a patient (HTTP {response.status_code})"
-            )
-        body: dict[str, Any] = response.json()
-        return Patient(
-            study_uid=study_uid,
-            patient_id=_text(body.get("patient_id")),
-            issuer=_text(body.get("issuer_of_patient_id")),
-            name=_text(body.get("patient_name")),
-            owner_org=_text(body.get("owner_org")),
-        )
+            raise ServiceUnavailableError(f"storage could not look up patients (HTTP {response.status_code})")
+        wanted = set(study_uids)
+        found: dict[str, Patient] = {}
+        for item in response.json().get("patients", []):
+            uid = item.get("study_uid") if isinstance(item, dict) else None
+            if uid in wanted:
+                found[uid] = Patient(
+                    study_uid=uid,
+                    patient_id=_text(item.get("patient_id")),
+                    issuer=_text(item.get("issuer_of_patient_id")),
+                    name=_text(item.get("patient_name")),
+                    owner_org=_text(item.get("owner_org")),
+                )
+        return found
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -108,23 +119,36 @@ class PatientResolver:
     async def resolve(self, study_uids: Iterable[str]) -> dict[str, Patient | None]:
         """The patient of each study (None: unknown); ServiceUnavailableError when storage is down."""
         wanted = sorted(set(study_uids))
-        found = await asyncio.gather(*(self._one(uid) for uid in wanted))
-        return dict(zip(wanted, found, strict=True))
-
-    async def _one(self, study_uid: str) -> Patient | None:
         now = self._clock()
-        hit = self._cache.get(study_uid)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        out: dict[str, Patient | None] = {}
+        missing: list[str] = []
+        for uid in wanted:
+            hit = self._cache.get(uid)
+            if hit is not None and hit[0] > now:
+                out[uid] = hit[1]
+            else:
+                missing.append(uid)
+        if missing:
+            found = await self._source.lookup(missing) if self._source is not None else {}
+            unknown = [uid for uid in missing if uid not in found]
+            from_log = await asyncio.gather(*(self._logged(uid) for uid in unknown))
+            found.update({uid: p for uid, p in zip(unknown, from_log, strict=True) if p is not None})
+            if len(self._cache) + len(missing) > MAX_CACHE:
+                self._cache.clear()
+            for uid in missing:
+                patient = found.get(uid)
+                ttl = (
+                    self._cache_seconds
+                    if patient is not None
+                    else min(NEGATIVE_CACHE_SECONDS, self._cache_seconds)
+                )
+                self._cache[uid] = (now + ttl, patient)
+                out[uid] = patient
+        return {uid: out[uid] for uid in wanted}
+
+    async def _logged(self, study_uid: str) -> Patient | None:
         async with self._limit:
-            patient = await self._source.lookup(study_uid) if self._source is not None else None
-            if patient is None:
-                patient = await self._from_log(study_uid)
-        ttl = self._cache_seconds if patient is not None else min(NEGATIVE_CACHE_SECONDS, self._cache_seconds)
-        if len(self._cache) >= MAX_CACHE:
-            self._cache.clear()
-        self._cache[study_uid] = (now + ttl, patient)
-        return patient
+            return await self._from_log(study_uid)
 
     async def _from_log(self, study_uid: str) -> Patient | None:
         """The patient an earlier record of this study sealed (a study deleted from storage since)."""

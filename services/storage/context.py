@@ -9,6 +9,7 @@ from pacslib.eventbus_factory import build_event_bus
 from pacslib.keyring import Keyring
 from pacslib.outbox import OutboxRelay
 from services.storage.blind_index import BlindIndex, load_index
+from services.storage.patient_memo import PatientMemo
 from services.storage.ports import MetadataStore, ObjectStore
 from services.storage.settings import StorageSettings
 
@@ -31,6 +32,7 @@ class StorageContext:
     relay: OutboxRelay
     index: BlindIndex
     qido: QidoLimits = field(default_factory=QidoLimits)
+    patients: PatientMemo = field(default_factory=PatientMemo)
 
     async def close(self) -> None:
         await self.relay.stop()

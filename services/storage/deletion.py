@@ -96,6 +96,8 @@ async def delete(
         events = _events(target, doomed, actor, client, traceparent)
         outcome = await ctx.metadata.delete_instances(deletion, events)
         if outcome is DeleteOutcome.DELETED:
+            if target.level == "study":
+                ctx.patients.forget(target.study_uid)
             ctx.relay.notify()
             return Deleted(len(doomed), await _remove_blobs(ctx, sorted(doomed_ids)))
         if outcome is DeleteOutcome.NOT_FOUND:

@@ -332,6 +332,13 @@ class MetadataStore(Protocol):
         """Instances of a study (or of one series of it), ordered by series then instance UID."""
         ...
 
+    async def study_rows(self, study_uids: Sequence[str]) -> list[tuple[IndexRow, str | None]]:
+        """The study-level search rows of these studies with each one's owning organization.
+
+        In study UID order; a study without a search row is left out.
+        """
+        ...
+
     async def delete_instances(
         self, deletion: Deletion, events: Sequence[tuple[str, str, bytes]]
     ) -> DeleteOutcome:

@@ -21,6 +21,7 @@ from services.storage.blind_index import BlindIndex
 from services.storage.bulk_markers import MARKER_PREFIX, instance_url, resolve_markers
 from services.storage.context import StorageContext
 from services.storage.objects import metadata_context
+from services.storage.patient_memo import PatientFields, patient_fields
 from services.storage.ports import IndexQuery, IndexRow, Level, SearchEntry, TokenClause
 from services.storage.qido_attributes import (
     INSTANCE_AVAILABILITY,
@@ -304,9 +305,26 @@ async def search(ctx: StorageContext, query: QidoQuery, scope: AccessScope, base
     documents = []
     for hit in hits:
         doc, markers = (hit.doc, hit.markers) if hit.doc is not None else _open(ctx, hit.row)
+        if level is Level.STUDY:
+            ctx.patients.remember(hit.row.study_uid, doc)  # for the audit's patient lookup, next
         result = _result(hit.row, doc, parents, base_url, wanted)
         documents.append(_public_bulk_uris(result, hit.row, base_url) if markers else result)
     return SearchResult(documents, more)
+
+
+async def study_patients(
+    ctx: StorageContext, study_uids: Sequence[str]
+) -> dict[str, tuple[PatientFields, str | None]]:
+    """The patient attributes and the owning organization of each of these studies that has a search
+    row, whoever owns it (for internal callers only). Studies a search just answered are not decrypted
+    again (``ctx.patients``)."""
+    found: dict[str, tuple[PatientFields, str | None]] = {}
+    for row, owner in await ctx.metadata.study_rows(study_uids):
+        fields = ctx.patients.recall(row.study_uid)
+        if fields is None:
+            fields = patient_fields(_open(ctx, row)[0])
+        found[row.study_uid] = (fields, owner)
+    return found
 
 
 # -- results --------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -170,6 +170,31 @@ async def test_a_deleted_studys_patient_is_found_in_earlier_records(harness: Har
     hits = await harness.store.query(RecordQuery(clauses=(TermClause("patient", frozenset({token})),)))
     assert len(hits) == 2
     assert hits[0].terms.orgs == frozenset({"org-a", "org-b"})  # the owner is in the auditor scope
+
+
+class RecordingSource:
+    """A patient source that knows a fixed set of studies and records every batch it is asked."""
+
+    def __init__(self, known: dict[str, Patient]) -> None:
+        self.known = known
+        self.asked: list[list[str]] = []
+
+    async def lookup(self, study_uids: Sequence[str]) -> dict[str, Patient]:
+        self.asked.append(list(study_uids))
+        return {uid: self.known[uid] for uid in study_uids if uid in self.known}
+
+
+async def test_the_studies_of_an_event_are_resolved_in_one_batch_then_cached(harness: Harness) -> None:
+    known = {f"1.2.{n}": Patient(f"1.2.{n}", f"PID-{n}", None, f"DOE^P{n}", "org-a") for n in range(40)}
+    source = RecordingSource(known)
+    resolver = PatientResolver(source, harness.store, harness.keyring)
+    wanted = [*known, "1.9.9", "1.2.0"]
+
+    first = await resolver.resolve(wanted)
+    assert first == {**known, "1.9.9": None}
+    assert source.asked == [sorted({*known, "1.9.9"})]  # one batch, each study once
+    assert await resolver.resolve(["1.2.3", "1.2.4"]) == {"1.2.3": known["1.2.3"], "1.2.4": known["1.2.4"]}
+    assert len(source.asked) == 1  # answered from memory
 
 
 async def test_repeated_views_are_aggregated_with_a_count(

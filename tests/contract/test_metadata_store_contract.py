@@ -516,6 +516,30 @@ async def test_search_matches_every_clause_and_any_token_of_one(metadata_store: 
     assert len(await found(metadata_store, Level.INSTANCE, clause(30), clause(31, 32))) == 1
 
 
+async def test_study_rows_by_uid_with_their_owners(metadata_store: MetadataStore) -> None:
+    await put_searchable(metadata_store, "1.1", entry({1}, tag=b"a"), owner_org="org-a")
+    await put_searchable(metadata_store, "1.2", entry({1}, tag=b"a2"), series_uid=SERIES_B, owner_org="org-a")
+    await put_searchable(metadata_store, "2.1", entry({2}, tag=b"b"), study_uid="9.9", owner_org="org-b")
+    await put_searchable(metadata_store, "3.1", entry({3}, tag=b"c"), study_uid="9.8", owner_org=None)
+    # An instance indexed without a search entry gives its study no row.
+    await metadata_store.put_instance(record("4.1", await pending(metadata_store), study_uid="9.7"), [])
+    # More studies than one "$in" or "IN (...)" list holds, most of them unknown.
+    asked = [STUDY, "9.9", "9.8", "9.7", *(f"7.{n}" for n in range(1200)), STUDY]
+
+    found = await metadata_store.study_rows(asked)
+
+    assert [(row.study_uid, owner) for row, owner in found] == [
+        (STUDY, "org-a"),
+        ("9.8", None),
+        ("9.9", "org-b"),
+    ]
+    searched = await metadata_store.search(IndexQuery(Level.STUDY, (clause(1, 2, 3),)))
+    by_seq = sorted((row for row, _ in found), key=lambda row: row.seq)
+    assert by_seq == searched  # the very rows a search returns
+    assert await metadata_store.study_rows(["7.7"]) == []
+    assert await metadata_store.study_rows([]) == []
+
+
 async def test_later_instances_add_only_aggregate_tokens_to_their_study(
     metadata_store: MetadataStore,
 ) -> None:

@@ -19,33 +19,90 @@ def _service_headers(deployment: Deployment, name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
-def test_only_the_audit_identity_resolves_a_studys_patient(deployment: Deployment) -> None:
-    system = deployment.system
-    study = new_uid()
+def _store(deployment: Deployment, study: str, patient_name: str, patient_id: str) -> None:
     stored = api.post(
-        f"{system.dicomweb_url}/studies",
-        content=ct_instance(study, new_uid(), 1),
+        f"{deployment.system.dicomweb_url}/studies",
+        content=ct_instance(study, new_uid(), 1, patient_name=patient_name, patient_id=patient_id),
         headers={"Content-Type": "application/dicom"},
     )
     assert stored.status_code == 200, stored.text
-    url = f"{system.service_url('storage')}/internal/studies/{study}/patient"
 
-    found = httpx.get(url, headers=_service_headers(deployment, "audit"))
+
+def test_only_the_audit_identity_resolves_the_patients_of_studies(deployment: Deployment) -> None:
+    first, second, unknown = new_uid(), new_uid(), new_uid()
+    _store(deployment, first, PATIENT_NAME, PATIENT_ID)
+    _store(deployment, second, "ROE^RICHARD", "PID-LOOKUP-2")
+    url = f"{deployment.system.service_url('storage')}/internal/studies/patients"
+    audit = _service_headers(deployment, "audit")
+    owner = deployment.accounts["clinician_a"].org_id
+
+    found = httpx.post(url, json={"studies": [second, unknown, first, first]}, headers=audit)
     assert found.status_code == 200, found.text
     assert found.json() == {
-        "study_uid": study,
-        "owner_org": deployment.accounts["clinician_a"].org_id,
-        "patient_id": PATIENT_ID,
-        "issuer_of_patient_id": None,
-        "patient_name": PATIENT_NAME,
+        "patients": sorted(
+            [
+                {
+                    "study_uid": first,
+                    "owner_org": owner,
+                    "patient_id": PATIENT_ID,
+                    "issuer_of_patient_id": None,
+                    "patient_name": PATIENT_NAME,
+                },
+                {
+                    "study_uid": second,
+                    "owner_org": owner,
+                    "patient_id": "PID-LOOKUP-2",
+                    "issuer_of_patient_id": None,
+                    "patient_name": "ROE^RICHARD",
+                },
+            ],
+            key=lambda p: str(p["study_uid"]),
+        )
     }
-    unknown = httpx.get(url.replace(study, new_uid()), headers=_service_headers(deployment, "audit"))
-    assert unknown.status_code == 404
-    bad = httpx.get(url.replace(study, "not-a-uid"), headers=_service_headers(deployment, "audit"))
-    assert bad.status_code == 400
+    assert httpx.post(url, json={"studies": [unknown]}, headers=audit).json() == {"patients": []}
 
-    assert httpx.get(url).status_code == 401
+    bad = httpx.post(url, json={"studies": [first, "not-a-uid"]}, headers=audit)
+    assert bad.status_code == 400
+    assert "not valid UIDs" in bad.text
+    too_many = httpx.post(url, json={"studies": [first] * 1001}, headers=audit)
+    assert too_many.status_code in (400, 422)
+    assert httpx.post(
+        url, content=b"{", headers={**audit, "Content-Type": "application/json"}
+    ).status_code in (
+        400,
+        422,
+    )
+
+    body = {"studies": [first]}
+    assert httpx.post(url, json=body).status_code == 401
     for name in ("ingest", "render"):
-        assert httpx.get(url, headers=_service_headers(deployment, name)).status_code == 403, name
+        assert httpx.post(url, json=body, headers=_service_headers(deployment, name)).status_code == 403, name
     for caller in ("clinician_a", "operator", "auditor_a"):
-        assert httpx.get(url, headers=deployment.accounts[caller].headers).status_code == 403, caller
+        headers = deployment.accounts[caller].headers
+        assert httpx.post(url, json=body, headers=headers).status_code == 403, caller
+
+
+def test_a_study_a_search_just_answered_is_looked_up_alike_and_forgotten_once_deleted(
+    deployment: Deployment,
+) -> None:
+    system = deployment.system
+    study = new_uid()
+    _store(deployment, study, "MEMO^MARY", "PID-MEMO-1")
+    url = f"{system.service_url('storage')}/internal/studies/patients"
+    audit = _service_headers(deployment, "audit")
+    cold = httpx.post(url, json={"studies": [study]}, headers=audit)
+    assert cold.status_code == 200, cold.text
+
+    found = api.get(f"{system.dicomweb_url}/studies", params={"StudyInstanceUID": study})
+    assert found.status_code == 200, found.text
+    assert [d["0020000D"]["Value"][0] for d in found.json()] == [study]
+    warm = httpx.post(url, json={"studies": [study]}, headers=audit)  # the search's memory answers
+    assert warm.json() == cold.json()
+    assert warm.json()["patients"][0]["patient_name"] == "MEMO^MARY"
+
+    admin = deployment.accounts["admin_a"]
+    deleted = api.request(
+        "DELETE", f"{system.dicomweb_url}/studies/{study}", headers=admin.headers, timeout=60
+    )
+    assert deleted.status_code in (200, 202, 204), deleted.text
+    assert httpx.post(url, json={"studies": [study]}, headers=audit).json() == {"patients": []}

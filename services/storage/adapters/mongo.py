@@ -668,6 +668,19 @@ class MongoMetadataStore:
         cursor = self._instances.find(query).sort([("series_uid", ASCENDING), ("_id", ASCENDING)])
         return [_record(doc) async for doc in cursor]
 
+    async def study_rows(self, study_uids: Sequence[str]) -> list[tuple[IndexRow, str | None]]:
+        """The study-level search rows of these studies with each one's owning organization."""
+        projection = dict.fromkeys((*_ROW_FIELDS[Level.STUDY], "owner_org"), 1)
+        parts = await asyncio.gather(
+            *(
+                self._level(Level.STUDY).find({"_id": {"$in": list(part)}}, projection).to_list()
+                for part in _slices(sorted(set(study_uids)), _IN_SLICE)
+            )
+        )
+        docs = sorted((d for part in parts for d in part), key=lambda d: str(d["_id"]))
+        rows = await self._rows(Level.STUDY, docs)
+        return [(row, doc.get("owner_org")) for row, doc in zip(rows, docs, strict=True)]
+
     async def delete_instances(
         self, deletion: Deletion, events: Sequence[tuple[str, str, bytes]]
     ) -> DeleteOutcome:

@@ -459,6 +459,20 @@ class SqliteMetadataStore:
             params = (study_uid, series_uid)
         return [_record(row) for row in await self._read(f"{query} ORDER BY series_uid, sop_uid", params)]
 
+    async def study_rows(self, study_uids: Sequence[str]) -> list[tuple[IndexRow, str | None]]:
+        """The study-level search rows of these studies with each one's owning organization."""
+        _, columns, _ = _SEARCH_TABLES[Level.STUDY]
+        out: list[tuple[IndexRow, str | None]] = []
+        uids = sorted(set(study_uids))
+        for start in range(0, len(uids), _IN_CHUNK):
+            part = uids[start : start + _IN_CHUNK]
+            sql = (
+                f"SELECT {columns}, t.owner_org FROM studies t JOIN objects o ON o.object_id = t.doc_object_id "
+                f"WHERE t.study_uid IN ({_marks(len(part))}) ORDER BY t.study_uid"
+            )
+            out += [(_index_row(Level.STUDY, row[:-1]), row[-1]) for row in await self._read(sql, part)]
+        return out
+
     async def delete_instances(
         self, deletion: Deletion, events: Sequence[tuple[str, str, bytes]]
     ) -> DeleteOutcome:
