@@ -4,7 +4,8 @@ whole system started by the embedded launcher (gateway, auth, ingest, storage, r
 The driver (tests/render/browser/viewer.mjs) signs in through the OAuth code + PKCE pages with password
 and TOTP, searches, opens a study (timed to the first image drawn), scrolls frames, changes the window
 preset, zooms and pans, waits for a token refresh, uses a phone-sized screen and waits for the idle
-sign-out; this module checks what it saw, including every response that reached the browser.
+sign-out, then signs in again in a new tab and closes it (its refresh token must be revoked); this
+module checks what it saw, including every response that reached the browser.
 Screenshots are kept in the test's temporary directory and copied to var/screenshots/viewer/.
 
 Chromium and playwright-core are installed by scripts/install_browser.sh when missing; if they cannot
@@ -253,6 +254,9 @@ def test_viewer_in_chromium(viewer_system: ViewerSystem, tmp_path: Path) -> None
     assert "VIEW-0001" not in signed_out["text"]
     assert signed_out["sessionStorage"] == 0
     assert result["refreshAfterSignOutStatus"] == 400
+    # Closing a signed-in tab revokes its refresh token (a beacon sent as the page goes away).
+    # The same request with the token of a tab still open works: the refusal comes from the revocation.
+    assert (result["refreshAfterCloseStatus"], result["refreshOfOpenTabStatus"]) == (400, 200)
     assert any(r["path"] == "/oauth2/revoke" and r["status"] == 200 for r in result["responses"])
 
     # No DICOM reached the browser: every response is one of the allowed media types, and nothing asked

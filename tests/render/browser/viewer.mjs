@@ -1,6 +1,7 @@
 // Drives Debian's headless Chromium through the cloudpacs browser viewer (services/render/viewer):
 // sign-in with password + TOTP, study search, opening a study (timed to the first image drawn),
-// scrolling frames, window presets, zoom and pan, token refresh, a phone-sized screen, idle sign-out.
+// scrolling frames, window presets, zoom and pan, token refresh, a phone-sized screen, idle sign-out,
+// and a closed tab's session revoked.
 // Usage: node viewer.mjs <config.json>   (written by tests/render/test_viewer_browser.py)
 // Prints one JSON line with what it saw; the Python test makes the assertions. A step that cannot
 // happen (an element never appears) throws, and the message says which step.
@@ -168,7 +169,8 @@ try {
     await page.click("button[type=submit]");
     await page.waitForSelector("input#code");
     const now = Math.floor(Date.now() / 1000 / 30);
-    await page.fill("input#code", totp(config.totpSecret, Math.max(now, config.lastTotpStep + 1)));
+    result.totpStep = Math.max(now, config.lastTotpStep + 1);
+    await page.fill("input#code", totp(config.totpSecret, result.totpStep));
     await page.click("button[type=submit]");
     await page.waitForSelector("#studies-view:not([hidden])");
     await page.waitForSelector("#study-list li");
@@ -372,6 +374,53 @@ try {
   });
   result.refreshAfterSignOutStatus = reuse.status;
   delete result.lastRefreshToken;
+
+  // 11. Closing the tab ends its session too: the page revokes its refresh token as it goes away (a
+  // beacon). Two more sessions, each in a tab of its own: the closed one's refresh token is refused,
+  // the open one's (asked for the same way) still works.
+  const openSession = async (label) => {
+    const tab = await context.newPage();
+    currentPage = tab;
+    tab.setDefaultTimeout(20000);
+    const issued = tab.waitForResponse(
+      (r) => r.url().endsWith("/oauth2/token") && (r.request().postData() ?? "").includes("grant_type=authorization_code"),
+    );
+    await tab.goto(`${base}/viewer/`);
+    await tab.waitForSelector("input#username, #studies-view:not([hidden])");
+    if (await tab.locator("input#username").count()) {
+      result.signInsWithPassword = (result.signInsWithPassword ?? 0) + 1;
+      await tab.fill("input#username", config.username);
+      await tab.fill("input#password", config.password);
+      await tab.click("button[type=submit]");
+      await tab.waitForSelector("input#code");
+      // A step is accepted once and at most one step ahead of now: wait for the next unused one.
+      const next = result.totpStep + 1;
+      while (Math.floor(Date.now() / 1000 / 30) < next - 1) await new Promise((resolve) => setTimeout(resolve, 500));
+      result.totpStep = Math.max(Math.floor(Date.now() / 1000 / 30), next);
+      await tab.fill("input#code", totp(config.totpSecret, result.totpStep));
+      await tab.click("button[type=submit]");
+    }
+    const tokens = await (await issued).json();
+    await tab.waitForSelector("#studies-view:not([hidden])");
+    if (typeof tokens.refresh_token !== "string" || !tokens.refresh_token) throw new Error(`${label}: no refresh token`);
+    return { tab, refresh: tokens.refresh_token };
+  };
+  const refreshWith = async (token) =>
+    (
+      await fetch(`${base}/oauth2/token`, {
+        method: "POST",
+        body: new URLSearchParams({ grant_type: "refresh_token", refresh_token: token, client_id: config.clientId }),
+      })
+    ).status;
+  await step("close a signed-in tab", async () => {
+    const closed = await openSession("the tab to close");
+    const kept = await openSession("the tab kept open");
+    await closed.tab.close({ runBeforeUnload: true });
+    await new Promise((resolve) => setTimeout(resolve, 1500)); // let the beacon land
+    result.refreshAfterCloseStatus = await refreshWith(closed.refresh);
+    result.refreshOfOpenTabStatus = await refreshWith(kept.refresh);
+    await kept.tab.close();
+  });
 } finally {
   await context.close();
 }
