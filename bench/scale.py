@@ -360,7 +360,7 @@ def run_adapter(adapter: str, args: argparse.Namespace) -> dict[str, Any]:
             if adapter == "mongodb":
                 print(
                     "scale:   (SecantusDB, the test MongoDB server, is slow to index: 100,000 studies take "
-                    "about 30 minutes in bulk here, an hour one by one; --scale-adapters sqlite skips it)",
+                    "about 21 minutes in bulk here, an hour one by one; --scale-adapters sqlite skips it)",
                     flush=True,
                 )
             # The system runs during the load (the loader writes the index directly, as the storage
