@@ -67,7 +67,7 @@ class StorageLookup:
             raise ServiceUnavailableError(
                 f"cannot reach storage for a patient lookup ({type(exc).__name__})"
             ) from None
-        if response.status_code in (400, 401, 403, 422):
+        if response.status_code in (400, 401, 403):
             if not self._refused_logged:
                 log.error("storage refuses this service's patient lookups (HTTP %d)", response.status_code)
                 self._refused_logged = True

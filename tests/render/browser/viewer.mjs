@@ -41,6 +41,21 @@ function totp(secret, step) {
 }
 
 let currentPage = null;
+let lastTotpStep = config.lastTotpStep;
+
+// Fill in the sign-in pages (password, then TOTP) on `tab`. A TOTP step is accepted once and at most one
+// step ahead of now, so wait until the next unused one is acceptable.
+async function signIn(tab) {
+  await tab.fill("input#username", config.username);
+  await tab.fill("input#password", config.password);
+  await tab.click("button[type=submit]");
+  await tab.waitForSelector("input#code");
+  const next = lastTotpStep + 1;
+  while (Math.floor(Date.now() / 1000 / 30) < next - 1) await new Promise((resolve) => setTimeout(resolve, 500));
+  lastTotpStep = Math.max(Math.floor(Date.now() / 1000 / 30), next);
+  await tab.fill("input#code", totp(config.totpSecret, lastTotpStep));
+  await tab.click("button[type=submit]");
+}
 
 async function step(name, action) {
   try {
@@ -164,14 +179,7 @@ try {
   });
   result.signInTitle = await page.title();
   await step("sign in with password and TOTP", async () => {
-    await page.fill("input#username", config.username);
-    await page.fill("input#password", config.password);
-    await page.click("button[type=submit]");
-    await page.waitForSelector("input#code");
-    const now = Math.floor(Date.now() / 1000 / 30);
-    result.totpStep = Math.max(now, config.lastTotpStep + 1);
-    await page.fill("input#code", totp(config.totpSecret, result.totpStep));
-    await page.click("button[type=submit]");
+    await signIn(page);
     await page.waitForSelector("#studies-view:not([hidden])");
     await page.waitForSelector("#study-list li");
   });
@@ -387,19 +395,7 @@ try {
     );
     await tab.goto(`${base}/viewer/`);
     await tab.waitForSelector("input#username, #studies-view:not([hidden])");
-    if (await tab.locator("input#username").count()) {
-      result.signInsWithPassword = (result.signInsWithPassword ?? 0) + 1;
-      await tab.fill("input#username", config.username);
-      await tab.fill("input#password", config.password);
-      await tab.click("button[type=submit]");
-      await tab.waitForSelector("input#code");
-      // A step is accepted once and at most one step ahead of now: wait for the next unused one.
-      const next = result.totpStep + 1;
-      while (Math.floor(Date.now() / 1000 / 30) < next - 1) await new Promise((resolve) => setTimeout(resolve, 500));
-      result.totpStep = Math.max(Math.floor(Date.now() / 1000 / 30), next);
-      await tab.fill("input#code", totp(config.totpSecret, result.totpStep));
-      await tab.click("button[type=submit]");
-    }
+    if (await tab.locator("input#username").count()) await signIn(tab);
     const tokens = await (await issued).json();
     await tab.waitForSelector("#studies-view:not([hidden])");
     if (typeof tokens.refresh_token !== "string" || !tokens.refresh_token) throw new Error(`${label}: no refresh token`);
