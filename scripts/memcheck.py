@@ -137,6 +137,9 @@ def run(multi_bytes: int, single_bytes: int, limit: int, state: Path) -> dict[st
         )
         client = httpx.Client(timeout=httpx.Timeout(1800.0, connect=10.0), headers=clinician.headers)
         url = f"{system.dicomweb_url}/studies"
+        results["idle_rss"] = {
+            name: int(psutil.Process(pid).memory_info().rss) for name, pid in system.pids().items()
+        }
 
         with Sampler(system.pids()) as sampler:
             t0 = time.monotonic()
@@ -221,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="memcheck-") as tmp:
         results = run(args.multi_mib * MIB, args.single_mib * MIB, args.limit_mb * MB, Path(tmp))
     worst = 0
+    idle = results["idle_rss"]
+    assert isinstance(idle, dict)
+    print("idle before the run: " + ", ".join(f"{n}={rss / MB:.1f} MB" for n, rss in sorted(idle.items())))
     for case in ("multi", "single"):
         data = results[case]
         assert isinstance(data, dict)

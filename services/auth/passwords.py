@@ -43,22 +43,34 @@ def normalize(password: str) -> str:
 
 
 class PasswordHasher:
-    """argon2id hashing with configurable cost; runs in a worker thread to keep the event loop free."""
+    """argon2id hashing with configurable cost; runs in a worker thread to keep the event loop free.
 
-    def __init__(self, time_cost: int, memory_kib: int, parallelism: int) -> None:
+    Each computation holds ``memory_kib`` of memory while it runs, so at most ``max_concurrent`` run at
+    once and the rest wait their turn: a burst of sign-ins (or of wrong guesses from many addresses)
+    costs time, never an unbounded amount of memory.
+    """
+
+    def __init__(self, time_cost: int, memory_kib: int, parallelism: int, max_concurrent: int = 2) -> None:
         self._hasher = Argon2Hasher(
             time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism, type=Type.ID
         )
+        self._slots = asyncio.Semaphore(max_concurrent)
         # Verified against when the user does not exist, so both cases take the same time.
         self._dummy = self._hasher.hash(secrets.token_urlsafe(16))
 
     @classmethod
     def from_settings(cls, settings: AuthSettings) -> PasswordHasher:
-        return cls(settings.argon2_time_cost, settings.argon2_memory_kib, settings.argon2_parallelism)
+        return cls(
+            settings.argon2_time_cost,
+            settings.argon2_memory_kib,
+            settings.argon2_parallelism,
+            settings.argon2_max_concurrent,
+        )
 
     async def hash(self, password: str) -> str:
         """The argon2id hash (PHC string, salt included) of a password."""
-        return await asyncio.to_thread(self._hasher.hash, normalize(password))
+        async with self._slots:
+            return await asyncio.to_thread(self._hasher.hash, normalize(password))
 
     async def verify(self, stored: str | None, password: str) -> bool:
         """Whether ``password`` matches ``stored``; with ``stored=None`` a dummy hash is checked instead."""
@@ -70,7 +82,8 @@ class PasswordHasher:
             except (VerifyMismatchError, VerificationError, InvalidHashError):
                 return False
 
-        ok = await asyncio.to_thread(check)
+        async with self._slots:
+            ok = await asyncio.to_thread(check)
         return ok and stored is not None
 
     def needs_rehash(self, stored: str) -> bool:

@@ -68,6 +68,12 @@ class AuthSettings(ServiceSettings):
     argon2_time_cost: int = Field(3, ge=1, le=20, description="argon2id iterations.")
     argon2_memory_kib: int = Field(65536, ge=8, le=4 << 20, description="argon2id memory in KiB.")
     argon2_parallelism: int = Field(4, ge=1, le=16, description="argon2id lanes.")
+    argon2_max_concurrent: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="argon2id computations run at once; more wait (bounds memory at this x the memory cost).",
+    )
     password_min_length: int = Field(
         12, ge=8, le=64, description="Shortest password accepted (NIST SP 800-63B asks for 8 at least)."
     )

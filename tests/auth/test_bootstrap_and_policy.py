@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -107,6 +110,40 @@ async def test_argon2id_hash_verify_and_rehash() -> None:
         65536,
         4,
     )
+    assert defaults.argon2_max_concurrent == 2
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+async def test_argon2_computations_at_once_are_bounded(limit: int) -> None:
+    """A burst of sign-ins queues for the hasher: its memory is bounded by the limit, not by the burst."""
+    hasher = PasswordHasher(2, 256, 1, max_concurrent=limit)
+    stored = await hasher.hash("a long enough pass phrase")
+    real = hasher._hasher
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    class CountingHasher:
+        """The real argon2 hasher, counting how many of its computations overlap."""
+
+        def verify(self, target: str, password: str) -> bool:
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+            try:
+                time.sleep(0.02)  # long enough for every waiting request to try to start
+                return bool(real.verify(target, password))
+            finally:
+                with lock:
+                    running -= 1
+
+    hasher._hasher = CountingHasher()  # type: ignore[assignment]
+    results = await asyncio.gather(
+        *(hasher.verify(stored, "a long enough pass phrase" if i % 2 else "wrong") for i in range(12))
+    )
+    assert results == [bool(i % 2) for i in range(12)]
+    assert most == limit
 
 
 def test_totp_window_and_replay() -> None:
