@@ -815,6 +815,21 @@ def rendered_operations(corpus: Corpus, reps: int) -> list[Operation]:
             )
             units.append(Unit((step,)))
         ops.append(Operation("rendered", f"instance as {fmt}", units))
+    # The same instance again and again: render answers from its image cache after storage's access
+    # check, so this is our fixed cost of a rendered request (the hops, the token checks and the
+    # durable access record) with no read, decode or encode; Orthanc renders it anew every time.
+    again = rng.choice(corpus.synthetic)
+    repeat = Step(
+        "GET",
+        _ipath(again) + "/rendered",
+        IPATH_LABEL + "/rendered",
+        accept="image/jpeg",
+        keep_body=True,
+        check=_image_check("JPEG"),
+    )
+    ops.append(
+        Operation("rendered", "one instance as JPEG, repeated (our image cache)", [Unit((repeat,))] * reps)
+    )
     mf = corpus.multiframe
     if mf is not None:
         units = []
